@@ -1,0 +1,3 @@
+from fraisier.cli import main
+
+main()
