@@ -1,0 +1,582 @@
+"""The use cases: deploy, roll back, cancel, recover after a crash.
+
+One deployment runs under the lock of its fraise+environment, held in the store
+with a lease that a heartbeat renews, so a crashed holder's lock expires and a
+CLI deploy and a webhook deploy of the same pair never run at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fraisier.errors import ConfigError, DeployError, LockedError, NotFoundError
+from fraisier.inventory import DeploymentRequest, build_extravars, build_inventory
+
+LOCK_LEASE_SECONDS = 60.0
+HEARTBEAT_SECONDS = 15.0
+WAIT_POLL_SECONDS = 1.0
+KEEP_ARCHIVES = 10
+FAILED_EVENTS = ("runner_on_failed", "runner_on_unreachable", "runner_item_on_failed")
+
+
+_RELEASE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def validate_release_id(value: str, *, where: str = "release") -> str:
+    """Refuse a release id that could be a path or an option on a host."""
+    if not _RELEASE_ID_RE.fullmatch(value or ""):
+        raise DeployError(
+            f"{where}: {value!r} is not a release id (letters, digits, '.', '_', '-';"
+            " see `fraisier history` or the host's releases/ folder)"
+        )
+    return value
+
+
+def owner_id() -> str:
+    """This process as the store names lock holders and running deployments."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_is_alive(owner: str | None) -> bool:
+    """Whether the process that wrote `owner` still runs (only knowable on this host)."""
+    if not owner or ":" not in owner:
+        return False
+    host, _, pid_text = owner.rpartition(":")
+    if host != socket.gethostname():
+        # Another node: its lease decides, not us.
+        return True
+    try:
+        pid = int(pid_text)
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover(store) -> list[int]:
+    """Mark deployments left `running` by a dead process as interrupted and free their locks."""
+    return store.mark_interrupted(owner_is_alive)
+
+
+@dataclass
+class DeployResult:
+    """What a deploy, rollback or skipped deploy came to."""
+
+    deployment_id: int | None
+    status: str
+    fraise: str
+    environment: str
+    commit: str | None = None
+    release_id: str | None = None
+    dry_run: bool = False
+    error: str | None = None
+    skipped: bool = False
+    host_stats: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when the deployment succeeded or had nothing to do."""
+        return self.skipped or self.status == "successful"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON shape of `fraisier deploy --json`."""
+        return {
+            "deployment_id": self.deployment_id,
+            "fraise": self.fraise,
+            "environment": self.environment,
+            "status": self.status,
+            "commit": self.commit,
+            "release_id": self.release_id,
+            "dry_run": self.dry_run,
+            "skipped": self.skipped,
+            "error": self.error,
+            "hosts": self.host_stats,
+        }
+
+
+def _work_dir(work_dir: Path | None) -> Path:
+    from fraisier.runner import default_work_dir
+
+    path = Path(work_dir) if work_dir else default_work_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _prune_archives(archive_dir: Path, keep: int = KEEP_ARCHIVES) -> None:
+    files = sorted(archive_dir.glob("*.tar.gz"), key=lambda p: p.stat().st_mtime)
+    for old in files[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def _first_failure(event: Mapping[str, Any]) -> str | None:
+    data = event.get("event_data") or {}
+    if data.get("ignore_errors"):
+        return None
+    res = data.get("res") or {}
+    msg = res.get("msg") or res.get("stderr") or res.get("reason") or ""
+    if isinstance(msg, (list, dict)):
+        msg = str(msg)
+    msg = " ".join(str(msg).split())[:400]
+    host = data.get("host") or "?"
+    task = data.get("task") or data.get("task_action") or "?"
+    kind = "unreachable" if event.get("event") == "runner_on_unreachable" else "failed"
+    return f"{host}: task '{task}' {kind}: {msg}" if msg else f"{host}: task '{task}' {kind}"
+
+
+def _rollback_outcome(artifact_data: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(status, error) from the `fraisier_rollback` stats the api role records, if any."""
+    info = artifact_data.get("fraisier_rollback") or {}
+    if not isinstance(info, Mapping) or not info:
+        return None
+    statuses = {host: (v or {}).get("status") for host, v in info.items()}
+    errors = [f"{host}: {(v or {}).get('error')}" for host, v in sorted(info.items())]
+    status = "rollback_failed" if "rollback_failed" in statuses.values() else "rolled_back"
+    return status, "; ".join(errors)
+
+
+class Deployment:
+    """One deployment of a fraise+environment, from source to recorded result."""
+
+    def __init__(
+        self,
+        config,
+        fraise: str,
+        environment: str,
+        *,
+        store,
+        commit: str | None = None,
+        branch: str | None = None,
+        dry_run: bool = False,
+        force: bool = False,
+        wait: bool = False,
+        wait_timeout: float | None = None,
+        limit: Sequence[str] = (),
+        trigger: str = "cli",
+        requested_by: str | None = None,
+        commit_message: str | None = None,
+        deployment_id: int | None = None,
+        rollback_to: str | None = None,
+        action: str | None = None,
+        verbosity: int = 0,
+        work_dir: Path | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        on_progress: Callable[[str], None] | None = None,
+    ):
+        self.config = config
+        self.fraise = config.fraise(fraise)
+        self.env = config.environment(fraise, environment)
+        self.store = store
+        self.commit = commit
+        self.branch = branch
+        self.dry_run = dry_run
+        self.force = force
+        self.wait = wait
+        self.wait_timeout = wait_timeout
+        self.limit = tuple(limit)
+        self.trigger = trigger
+        self.requested_by = requested_by
+        self.commit_message = commit_message
+        self.deployment_id = deployment_id
+        self.rollback_to = rollback_to
+        self.action = action
+        self.verbosity = verbosity
+        self.work_dir = _work_dir(work_dir)
+        self.on_event = on_event
+        self.on_progress = on_progress or (lambda _msg: None)
+        self.holder = owner_id()
+        self._runner = None
+        self._cancel_reason: str | None = None
+        self._first_error: str | None = None
+        self._stop_heartbeat = threading.Event()
+
+    # -- checks before anything is written -------------------------------------
+    def _validate(self) -> None:
+        from fraisier.source import validate_branch, validate_sha
+
+        if self.commit is not None:
+            validate_sha(self.commit, where="--commit")
+        if self.branch is not None:
+            validate_branch(self.branch, where="branch")
+        if self.limit:
+            known = set(self.env.hosts or ())
+            unknown = [h for h in self.limit if known and h not in known]
+            if unknown:
+                raise NotFoundError(
+                    f"--limit names host(s) {', '.join(unknown)} not in"
+                    f" fraises.{self.fraise.name}.environments.{self.env.key}.hosts"
+                    f" (known: {', '.join(sorted(known))})"
+                )
+        if not self.env.app_path and self.action != "rollback":
+            raise ConfigError(
+                f"fraises.{self.fraise.name}.environments.{self.env.key}.app_path is not set:"
+                " Fraisier needs the folder that holds releases/ and current"
+            )
+        if not self.env.repository and self.action != "rollback":
+            raise ConfigError(
+                f"fraises.{self.fraise.name}.environments.{self.env.key}.repository is not set"
+                f" (nor fraises.{self.fraise.name}.repository): Fraisier needs the clone URL"
+                " to build the release"
+            )
+        if self.env.playbook is None:
+            from fraisier.resources import builtin_playbook
+
+            builtin_playbook(self.action or self.fraise.type)
+
+    def _playbook(self) -> Path:
+        from fraisier.resources import builtin_playbook
+
+        if self.action == "rollback":
+            return builtin_playbook("rollback")
+        if self.env.playbook is not None:
+            playbook = Path(self.env.playbook)
+            if not playbook.is_file():
+                raise ConfigError(
+                    f"fraises.{self.fraise.name}.environments.{self.env.key}.playbook:"
+                    f" {playbook} does not exist"
+                )
+            return playbook
+        return builtin_playbook(self.fraise.type)
+
+    # -- source ------------------------------------------------------------------
+    def _mirror(self):
+        from fraisier.source import Mirror
+
+        key = getattr(self.config.ansible, "private_key_file", None)
+        return Mirror(self.env.repository, self.work_dir / "mirrors", ssh_key=key)
+
+    def _resolve_source(self) -> tuple[Any, str, dict]:
+        mirror = self._mirror()
+        self.on_progress(f"fetching {self.env.repository}")
+        mirror.fetch()
+        branch = self.branch or self.env.branch
+        sha = mirror.resolve(branch=None if self.commit else branch, commit=self.commit)
+        return mirror, sha, mirror.commit_info(sha)
+
+    # -- locking -------------------------------------------------------------------
+    def _acquire_lock(self, deployment_id: int) -> None:
+        deadline = None if self.wait_timeout is None else time.monotonic() + self.wait_timeout
+        announced = False
+        while True:
+            try:
+                self.store.acquire_lock(
+                    self.fraise.name,
+                    self.env.key,
+                    holder=self.holder,
+                    deployment_id=deployment_id,
+                    lease_seconds=LOCK_LEASE_SECONDS,
+                )
+                return
+            except LockedError as exc:
+                if not self.wait or (deadline is not None and time.monotonic() > deadline):
+                    raise
+                if not announced:
+                    self.on_progress(f"waiting: {exc.message}")
+                    announced = True
+                if self._cancel_reason:
+                    raise
+                time.sleep(WAIT_POLL_SECONDS)
+
+    def _heartbeat(self, deployment_id: int) -> None:
+        while not self._stop_heartbeat.wait(HEARTBEAT_SECONDS):
+            try:
+                self.store.renew_lock(
+                    self.fraise.name,
+                    self.env.key,
+                    holder=self.holder,
+                    lease_seconds=LOCK_LEASE_SECONDS,
+                )
+                self.store.update_deployment(deployment_id, heartbeat_at=_now())
+            except Exception:  # a missed beat only shortens the lease
+                continue
+
+    # -- cancel --------------------------------------------------------------------
+    def cancel(self, reason: str = "canceled") -> None:
+        """Stop this deployment from any thread (signal handler, cancel command, timeout)."""
+        self._cancel_reason = reason
+        if self._runner is not None:
+            self._runner.cancel(reason)
+
+    # -- the run ---------------------------------------------------------------------
+    def _handle_event(self, writer, event: dict[str, Any]) -> None:
+        # Runs inside ansible-runner's output loop: hand-offs only.
+        writer.put(event)
+        if self._first_error is None and event.get("event") in FAILED_EVENTS:
+            self._first_error = _first_failure(event)
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def run(self) -> DeployResult:
+        """Validate, fetch, lock, run the playbook, record the result."""
+        from fraisier.runner import PlaybookRun, PlaybookRunner
+        from fraisier.source import make_release_id
+
+        self._validate()
+        recover(self.store)
+        mirror = sha = info = None
+        if self.action != "rollback":
+            mirror, sha, info = self._resolve_source()
+            live = self.store.last_successful(self.fraise.name, self.env.key)
+            if (
+                live
+                and live.get("commit") == sha
+                and not self.force
+                and not self.dry_run
+                and self.deployment_id is None
+            ):
+                return DeployResult(
+                    deployment_id=live.get("id") or live.get("deployment_id"),
+                    status="successful",
+                    fraise=self.fraise.name,
+                    environment=self.env.key,
+                    commit=sha,
+                    skipped=True,
+                    error=None,
+                )
+        else:
+            sha = self.commit
+
+        deployment_id = self.deployment_id
+        if deployment_id is None:
+            deployment_id = self.store.create_deployment(
+                fraise=self.fraise.name,
+                environment=self.env.key,
+                trigger=self.trigger,
+                commit=sha,
+                branch=self.branch or self.env.branch,
+                dry_run=self.dry_run,
+                requested_by=self.requested_by,
+                commit_message=(info or {}).get("message") or self.commit_message,
+                options={
+                    "force": self.force,
+                    "limit": list(self.limit),
+                    "rollback_to": self.rollback_to,
+                },
+            )
+        self.deployment_id = deployment_id
+        try:
+            self._acquire_lock(deployment_id)
+        except LockedError as exc:
+            self.store.transition(deployment_id, "canceled", error=f"not started: {exc.message}")
+            raise
+        heartbeat = threading.Thread(target=self._heartbeat, args=(deployment_id,), daemon=True)
+        try:
+            release_id = self.rollback_to
+            archive_path = ""
+            if self.action != "rollback":
+                release_id = make_release_id(sha)
+            self.store.transition(
+                deployment_id,
+                "running",
+                owner=self.holder,
+                commit=sha,
+                release_id=release_id,
+                heartbeat_at=_now(),
+            )
+            heartbeat.start()
+            if self._cancel_reason:
+                return self._finish(deployment_id, self._cancel_reason, "canceled before start")
+            if mirror is not None:
+                archive_dir = self.work_dir / "releases"
+                archive = mirror.archive(sha, archive_dir, release_id)
+                archive_path = str(archive.path)
+                _prune_archives(archive_dir)
+            request = DeploymentRequest(
+                deployment_id=deployment_id,
+                fraise=self.fraise.name,
+                environment=self.env.key,
+                commit=sha or "",
+                release_id=release_id or "",
+                archive_path=archive_path,
+                branch=self.branch or self.env.branch,
+                commit_message=(info or {}).get("message") or self.commit_message,
+                author=(info or {}).get("author"),
+                trigger=self.trigger,
+                requested_by=self.requested_by,
+                rollback_to=self.rollback_to,
+            )
+            ansible = self.config.ansible
+            run = PlaybookRun(
+                name=f"{deployment_id}",
+                playbook=self._playbook(),
+                inventory=build_inventory(self.config, self.env),
+                extravars=build_extravars(self.fraise, self.env, request),
+                inventory_sources=tuple(str(p) for p in [ansible.inventory] if p),
+                roles_path=tuple(str(p) for p in (ansible.roles_path or ())),
+                check=self.dry_run,
+                diff=self.dry_run,
+                limit=self.limit,
+                forks=ansible.forks,
+                timeout=self.env.timeout,
+                vault_password_file=(
+                    str(ansible.vault_password_file) if ansible.vault_password_file else None
+                ),
+                verbosity=self.verbosity,
+                secrets=tuple(self.config.secret_values()),
+            )
+            with self.store.event_writer(deployment_id, redact=_redactor(run.secrets)) as writer:
+                self._runner = PlaybookRunner(
+                    run,
+                    work_dir=self.work_dir,
+                    on_event=lambda ev: self._handle_event(writer, ev),
+                )
+                if self._cancel_reason:
+                    self._runner.cancel(self._cancel_reason)
+                outcome = self._runner.run()
+            self.store.record_host_results(deployment_id, outcome.host_stats)
+            status, error = self._map_outcome(outcome)
+            return self._finish(deployment_id, status, error, outcome.host_stats, release_id, sha)
+        except BaseException as exc:
+            # Whatever stopped us, the row must not stay `running`.
+            message = exc.message if hasattr(exc, "message") else f"{type(exc).__name__}: {exc}"
+            status = "canceled" if isinstance(exc, KeyboardInterrupt) else "failed"
+            self._finish(deployment_id, status, message)
+            raise
+        finally:
+            self._stop_heartbeat.set()
+            self.store.release_lock(self.fraise.name, self.env.key, holder=self.holder)
+
+    def _map_outcome(self, outcome) -> tuple[str, str | None]:
+        if outcome.status in ("canceled", "timeout"):
+            what = "timed out" if outcome.status == "timeout" else "canceled"
+            detail = f" after {self.env.timeout} s" if outcome.status == "timeout" else ""
+            return outcome.status, f"{what}{detail}" + (
+                f"; {self._first_error}" if self._first_error else ""
+            )
+        rollback = _rollback_outcome(outcome.artifact_data)
+        if rollback is not None and not self.dry_run:
+            return rollback
+        if outcome.status == "successful":
+            return "successful", None
+        unreachable = [h for h, s in outcome.host_stats.items() if s.get("unreachable")]
+        if self._first_error:
+            return "failed", self._first_error
+        if unreachable:
+            return "failed", f"unreachable: {', '.join(unreachable)}"
+        return "failed", f"ansible-playbook exited with {outcome.rc}; see fraisier logs"
+
+    def _finish(
+        self,
+        deployment_id: int,
+        status: str,
+        error: str | None,
+        host_stats: dict | None = None,
+        release_id: str | None = None,
+        commit: str | None = None,
+    ) -> DeployResult:
+        self.store.transition(deployment_id, status, error=error)
+        return DeployResult(
+            deployment_id=deployment_id,
+            status=status,
+            fraise=self.fraise.name,
+            environment=self.env.key,
+            commit=commit,
+            release_id=release_id,
+            dry_run=self.dry_run,
+            error=error,
+            host_stats=host_stats or {},
+        )
+
+
+def _redactor(secret_values: Sequence[str]) -> Callable[[str], str]:
+    values = sorted({s for s in secret_values if s and len(s) >= 4}, key=len, reverse=True)
+
+    def redact(text: str) -> str:
+        for value in values:
+            if value in text:
+                text = text.replace(value, "***")
+        return text
+
+    return redact
+
+
+def _now():
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
+
+
+def rollback(
+    config, fraise: str, environment: str, *, store, to: str | None = None, **kwargs
+) -> Deployment:
+    """A deployment that switches `current` back to an earlier release and checks its health."""
+    target_commit = None
+    history = store.history(fraise=fraise, environment=environment, limit=200)
+    good = [
+        row
+        for row in history
+        if row["status"] == "successful" and not row["dry_run"] and row.get("trigger") != "rollback"
+    ]
+    if to is None:
+        if len(good) < 2:
+            raise NotFoundError(
+                f"{fraise}/{environment}: no earlier successful release recorded to roll back to;"
+                " name one with --to RELEASE"
+            )
+        target = store.deployment(good[1]["id"])
+        to, target_commit = target.get("release_id"), target.get("commit")
+    else:
+        for row in good:
+            detail = store.deployment(row["id"]) or {}
+            if detail.get("release_id") == to:
+                target_commit = detail.get("commit")
+                break
+    return Deployment(
+        config,
+        fraise,
+        environment,
+        store=store,
+        commit=target_commit,
+        trigger="rollback",
+        rollback_to=to,
+        action="rollback",
+        force=True,
+        **kwargs,
+    )
+
+
+def cancel(store, deployment_id: int, *, wait_seconds: float = 30.0) -> str:
+    """Cancel a queued deployment, or signal the process running one; return its final status."""
+    row = store.deployment(deployment_id)
+    if row is None:
+        raise NotFoundError(f"no deployment {deployment_id} in the store")
+    from fraisier.store import TERMINAL_STATUSES
+
+    if row["status"] in TERMINAL_STATUSES:
+        raise DeployError(
+            f"deployment {deployment_id} already ended ({row['status']}); nothing to cancel"
+        )
+    if row["status"] == "queued":
+        store.transition(deployment_id, "canceled", error="canceled while queued")
+        return "canceled"
+    owner = row.get("owner") or ""
+    host, _, pid_text = owner.rpartition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        raise DeployError(
+            f"deployment {deployment_id} runs on {host or 'an unknown host'}; cancel it there"
+        )
+    try:
+        os.kill(int(pid_text), signal.SIGTERM)
+    except ProcessLookupError:
+        recover(store)
+        return (store.deployment(deployment_id) or {}).get("status", "interrupted")
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        status = (store.deployment(deployment_id) or {}).get("status")
+        if status in TERMINAL_STATUSES:
+            return status
+        time.sleep(0.2)
+    raise DeployError(
+        f"deployment {deployment_id} did not stop within {wait_seconds:.0f} s of SIGTERM to"
+        f" process {pid_text}; it is being hard-killed by its runner"
+    )
