@@ -324,8 +324,16 @@ def config_validate(app: AppContext, file_path: str | None, strict: bool, as_jso
     except ConfigError as exc:
         problems = list(getattr(exc, "problems", None) or [exc.message])
         if as_json:
-            emit_json({"valid": False, "errors": problems, "warnings": []})
+            emit_json(
+                {
+                    "valid": False,
+                    "errors": problems,
+                    "warnings": list(getattr(exc, "warnings", None) or []),
+                }
+            )
             sys.exit(1)
+        for warning in getattr(exc, "warnings", None) or []:
+            click.echo(f"warning: {warning}", err=True)
         for problem in problems:
             click.echo(f"fraisier: error: {problem}", err=True)
         sys.exit(1)

@@ -41,32 +41,11 @@ def validate_release_id(value: str, *, where: str = "release") -> str:
     return value
 
 
-def owner_id() -> str:
-    """This process as the store names lock holders and running deployments."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def owner_is_alive(owner: str | None) -> bool:
-    """Whether the process that wrote `owner` still runs (only knowable on this host)."""
-    if not owner or ":" not in owner:
-        return False
-    host, _, pid_text = owner.rpartition(":")
-    if host != socket.gethostname():
-        # Another node: its lease decides, not us.
-        return True
-    try:
-        pid = int(pid_text)
-        os.kill(pid, 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def recover(store) -> list[int]:
     """Mark deployments left `running` by a dead process as interrupted and free their locks."""
-    return store.mark_interrupted(owner_is_alive)
+    from fraisier.store import local_process_alive
+
+    return store.mark_interrupted(local_process_alive)
 
 
 @dataclass
@@ -194,6 +173,8 @@ class Deployment:
         self.work_dir = _work_dir(work_dir)
         self.on_event = on_event
         self.on_progress = on_progress or (lambda _msg: None)
+        from fraisier.store import owner_id
+
         self.holder = owner_id()
         self._runner = None
         self._cancel_reason: str | None = None
@@ -204,6 +185,12 @@ class Deployment:
     def _validate(self) -> None:
         from fraisier.source import validate_branch, validate_sha
 
+        self.config.require_resolved(self.fraise.name, self.env.key)
+        if not (self.env.hosts or self.env.inventory_group or self.env.name):
+            raise ConfigError(
+                f"fraises.{self.fraise.name}.environments.{self.env.key}: no host to deploy to;"
+                " set `hosts`, `inventory_group` or `name`"
+            )
         if self.commit is not None:
             validate_sha(self.commit, where="--commit")
         if self.branch is not None:
