@@ -403,7 +403,8 @@ class Deployment:
                 check=self.dry_run,
                 diff=self.dry_run,
                 limit=self.limit,
-                forks=ansible.forks,
+                # Ansible's default of 5 forks would deploy a larger fleet in waves.
+                forks=ansible.forks or min(max(len(self.env.hosts or ()), 5), 50),
                 timeout=self.env.timeout,
                 vault_password_file=(
                     str(ansible.vault_password_file) if ansible.vault_password_file else None

@@ -1,0 +1,179 @@
+"""Deploy benchmarks on real systemd hosts: Fraisier's overhead and fleet scaling.
+
+Overhead: `fraisier deploy` against `ansible-playbook` run on the same generated
+inventory, extra vars and playbook, on the same host, alternating; median ratio.
+Fleet: one deployment to 1, 5 and 10 hosts, beside a hand-written minimal playbook
+doing the same steps (bench/minimal_release.yml) on the same hosts in the same run.
+Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.hosts.machines import boot_hosts, stop_hosts  # noqa: E402
+from tests.hosts.rootfs import ensure_root  # noqa: E402
+
+GIT = ["git", "-c", "user.name=Bench", "-c", "user.email=bench@fraisier.invalid"]
+APP = "/srv/hello"
+
+
+def make_repo(tmp: Path) -> Path:
+    repo = tmp / "hello"
+    shutil.copytree(ROOT / "examples" / "hello", repo)
+    for args in (("init", "-q", "-b", "main"), ("add", "-A"), ("commit", "-q", "-m", "v1")):
+        subprocess.run([*GIT, *args], cwd=repo, check=True)
+    return repo
+
+
+def write_config(tmp: Path, repo: Path, hosts, name: str) -> Path:
+    env = {
+        "branch": "main",
+        "app_path": APP,
+        "systemd_service": "hello.service",
+        "hosts": {h.name: h.inventory_vars for h in hosts},
+        "service": {
+            "exec_start": f"/usr/bin/python3 {APP}/current/app.py",
+            "working_directory": f"{APP}/current",
+            "environment": {"HELLO_BIND": "{{ ansible_host }}"},
+        },
+        "health_check": {"url": "http://{{ ansible_host }}:8000/health", "retries": 10,
+                         "delay": 1},
+    }  # fmt: skip
+    config = {"fraises": {"hello": {"type": "api", "repository": str(repo),
+                                    "environments": {"bench": env}}}}  # fmt: skip
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def timed(argv: list[str], env: dict | None = None) -> float:
+    start = time.perf_counter()
+    out = subprocess.run(argv, capture_output=True, text=True, env=env)
+    elapsed = time.perf_counter() - start
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(argv[:6])}... failed:\n{out.stdout[-3000:]}{out.stderr}")
+    return elapsed
+
+
+def fraisier_deploy(config: Path) -> float:
+    return timed([sys.executable, "-m", "fraisier", "-c", str(config), "deploy", "hello",
+                  "bench", "--force"])  # fmt: skip
+
+
+def latest_run_dir(work: Path) -> Path:
+    return max((work / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+
+
+def ansible_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAISIER_")}
+    env.update(
+        {
+            "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+            "ANSIBLE_ROLES_PATH": str(ROOT / "roles"),
+            "ANSIBLE_PIPELINING": "True",
+            "ANSIBLE_RETRY_FILES_ENABLED": "False",
+        }
+    )
+    return env
+
+
+def plain_playbook(run_dir: Path, n: int, playbook: Path) -> float:
+    """ansible-playbook on the inventory and extra vars Fraisier generated, new release id."""
+    extravars = json.loads((run_dir / "env" / "extravars").read_text())
+    release = f"plain-{n}-{int(time.time() * 1000)}"
+    extravars["fraise_release_id"] = {"__ansible_unsafe": release}
+    path = run_dir.parent / f"plain-{n}.json"
+    path.write_text(json.dumps(extravars))
+    return timed(["ansible-playbook", "-i", str(run_dir / "inventory"), "-e", f"@{path}",
+                  str(playbook)], env=ansible_env())  # fmt: skip
+
+
+def minimal_playbook(run_dir: Path, n: int, hosts) -> float:
+    extravars = json.loads((run_dir / "env" / "extravars").read_text())
+    archive = extravars["fraise_release_archive"]["__ansible_unsafe"]
+    variables = {"app_path": APP, "release_id": f"min-{n}-{int(time.time() * 1000)}",
+                 "archive": archive, "service": "hello.service"}  # fmt: skip
+    path = run_dir.parent / f"minimal-{n}.json"
+    path.write_text(json.dumps(variables))
+    return timed(["ansible-playbook", "-i", str(run_dir / "inventory"), "-f", str(len(hosts)),
+                  "-e", f"@{path}", str(ROOT / "bench" / "minimal_release.yml")],
+                 env=ansible_env())  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=5, help="runs of each side (default 5)")
+    parser.add_argument("--fleet", default="1,5,10", help="host counts (default 1,5,10)")
+    args = parser.parse_args()
+    fleet = [int(n) for n in args.fleet.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="fraisier-bench-"))
+    os.environ["FRAISIER_DB_PATH"] = str(tmp / "fraisier.db")
+    os.environ["FRAISIER_WORK_DIR"] = str(tmp / "work")
+    root = ensure_root()
+    hosts = boot_hosts(max(fleet), names=[f"bench-{i}" for i in range(max(fleet))], root=root)
+    try:
+        repo = make_repo(tmp)
+        print(f"hosts booted: {len(hosts)}; runs per side: {args.runs}")
+
+        # -- overhead on one host -----------------------------------------------
+        config = write_config(tmp, repo, hosts[:1], "one")
+        fraisier_deploy(config)  # warm: unit installed, mirror made
+        run_dir = latest_run_dir(tmp / "work")
+        playbook = ROOT / "playbooks" / "api.yml"
+        plain_playbook(run_dir, 0, playbook)
+        f_times, p_times = [], []
+        for i in range(args.runs):
+            f_times.append(fraisier_deploy(config))
+            p_times.append(plain_playbook(latest_run_dir(tmp / "work"), i + 1, playbook))
+        ratios = [f / p for f, p in zip(f_times, p_times, strict=True)]
+        print("\n== Overhead: fraisier deploy vs ansible-playbook (same inventory, vars, playbook)")
+        print(
+            f"fraisier deploy   median {statistics.median(f_times):6.2f} s  "
+            f"runs {' '.join(f'{t:.2f}' for t in f_times)}"
+        )
+        print(
+            f"ansible-playbook  median {statistics.median(p_times):6.2f} s  "
+            f"runs {' '.join(f'{t:.2f}' for t in p_times)}"
+        )
+        ratio = statistics.median(ratios)
+        print(f"median ratio {ratio:.3f} (target <= 1.05: {'PASS' if ratio <= 1.05 else 'FAIL'})")
+
+        # -- fleet ---------------------------------------------------------------
+        print("\n== Fleet: fraisier deploy vs hand-written minimal playbook, same hosts")
+        walls = {}
+        for n in fleet:
+            config = write_config(tmp, repo, hosts[:n], f"fleet{n}")
+            fraisier_deploy(config)  # first deploy of these hosts installs the unit
+            f = fraisier_deploy(config)
+            m = minimal_playbook(latest_run_dir(tmp / "work"), n, hosts[:n])
+            walls[n] = f
+            verdict = "PASS" if f / m <= 1.2 else "FAIL"
+            print(
+                f"{n:3d} hosts: fraisier {f:6.2f} s   minimal playbook {m:6.2f} s   "
+                f"ratio {f / m:.2f} (target <= 1.2: {verdict})"
+            )
+        if 1 in walls and max(fleet) in walls:
+            print(f"{max(fleet)}/1 hosts wall-time ratio: {walls[max(fleet)] / walls[1]:.2f}")
+    finally:
+        stop_hosts(hosts)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
