@@ -481,7 +481,7 @@ def _run_deployment(app: AppContext, make, *, as_json: bool, verbose: bool) -> N
 
         def on_signal(signum, _frame):
             progress(f"received {signal.Signals(signum).name}: canceling")
-            deployment.cancel("canceled")
+            deployment.cancel(f"canceled by {signal.Signals(signum).name}")
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, on_signal)

@@ -7,10 +7,7 @@ CLI deploy and a webhook deploy of the same pair never run at once.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -18,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fraisier.errors import ConfigError, DeployError, LockedError, NotFoundError
+from fraisier.errors import ConfigError, DeployError, FraisierError, LockedError, NotFoundError
 from fraisier.inventory import DeploymentRequest, build_extravars, build_inventory
 
 LOCK_LEASE_SECONDS = 60.0
 HEARTBEAT_SECONDS = 15.0
+CANCEL_POLL_SECONDS = 1.0
 WAIT_POLL_SECONDS = 1.0
 KEEP_ARCHIVES = 10
 FAILED_EVENTS = ("runner_on_failed", "runner_on_unreachable", "runner_item_on_failed")
@@ -178,6 +176,7 @@ class Deployment:
         self.holder = owner_id()
         self._runner = None
         self._cancel_reason: str | None = None
+        self._cancel_message: str | None = None
         self._first_error: str | None = None
         self._stop_heartbeat = threading.Event()
 
@@ -275,7 +274,16 @@ class Deployment:
                 time.sleep(WAIT_POLL_SECONDS)
 
     def _heartbeat(self, deployment_id: int) -> None:
-        while not self._stop_heartbeat.wait(HEARTBEAT_SECONDS):
+        last_beat = time.monotonic()
+        while not self._stop_heartbeat.wait(CANCEL_POLL_SECONDS):
+            try:
+                if self.store.cancel_requested(deployment_id):
+                    self.cancel("canceled by `fraisier cancel`")
+            except Exception:  # the next poll asks again
+                pass
+            if time.monotonic() - last_beat < HEARTBEAT_SECONDS:
+                continue
+            last_beat = time.monotonic()
             try:
                 self.store.renew_lock(
                     self.fraise.name,
@@ -288,11 +296,14 @@ class Deployment:
                 continue
 
     # -- cancel --------------------------------------------------------------------
-    def cancel(self, reason: str = "canceled") -> None:
-        """Stop this deployment from any thread (signal handler, cancel command, timeout)."""
-        self._cancel_reason = reason
+    def cancel(self, reason: str = "canceled", *, status: str = "canceled") -> None:
+        """Stop this deployment from any thread; `reason` is recorded as its error."""
+        if self._cancel_reason is not None:
+            return
+        self._cancel_reason = status
+        self._cancel_message = reason
         if self._runner is not None:
-            self._runner.cancel(reason)
+            self._runner.cancel(status)
 
     # -- the run ---------------------------------------------------------------------
     def _handle_event(self, writer, event: dict[str, Any]) -> None:
@@ -372,7 +383,9 @@ class Deployment:
             )
             heartbeat.start()
             if self._cancel_reason:
-                return self._finish(deployment_id, self._cancel_reason, "canceled before start")
+                return self._finish(
+                    deployment_id, self._cancel_reason, f"{self._cancel_message} (before start)"
+                )
             if mirror is not None:
                 archive_dir = self.work_dir / "releases"
                 archive = mirror.archive(sha, archive_dir, release_id)
@@ -436,11 +449,11 @@ class Deployment:
 
     def _map_outcome(self, outcome) -> tuple[str, str | None]:
         if outcome.status in ("canceled", "timeout"):
-            what = "timed out" if outcome.status == "timeout" else "canceled"
-            detail = f" after {self.env.timeout} s" if outcome.status == "timeout" else ""
-            return outcome.status, f"{what}{detail}" + (
-                f"; {self._first_error}" if self._first_error else ""
-            )
+            if outcome.status == "timeout":
+                what = f"timed out after {self.env.timeout} s (timeout of the environment)"
+            else:
+                what = self._cancel_message or "canceled"
+            return outcome.status, what + (f"; {self._first_error}" if self._first_error else "")
         rollback = _rollback_outcome(outcome.artifact_data)
         if rollback is not None and not self.dry_run:
             return rollback
@@ -533,31 +546,26 @@ def rollback(
     )
 
 
-def cancel(store, deployment_id: int, *, wait_seconds: float = 30.0) -> str:
-    """Cancel a queued deployment, or signal the process running one; return its final status."""
+def cancel(store, deployment_id: int, *, wait_seconds: float = 60.0) -> str:
+    """Cancel a queued deployment, or ask the process running one to stop; return its status."""
+    from fraisier.store import TERMINAL_STATUSES
+
     row = store.deployment(deployment_id)
     if row is None:
         raise NotFoundError(f"no deployment {deployment_id} in the store")
-    from fraisier.store import TERMINAL_STATUSES
-
     if row["status"] in TERMINAL_STATUSES:
         raise DeployError(
             f"deployment {deployment_id} already ended ({row['status']}); nothing to cancel"
         )
     if row["status"] == "queued":
-        store.transition(deployment_id, "canceled", error="canceled while queued")
-        return "canceled"
-    owner = row.get("owner") or ""
-    host, _, pid_text = owner.rpartition(":")
-    if host != socket.gethostname() or not pid_text.isdigit():
-        raise DeployError(
-            f"deployment {deployment_id} runs on {host or 'an unknown host'}; cancel it there"
-        )
-    try:
-        os.kill(int(pid_text), signal.SIGTERM)
-    except ProcessLookupError:
-        recover(store)
-        return (store.deployment(deployment_id) or {}).get("status", "interrupted")
+        try:
+            store.transition(deployment_id, "canceled", error="canceled while queued")
+            return "canceled"
+        except FraisierError:
+            row = store.deployment(deployment_id) or row  # claimed meanwhile: cancel the run
+    # The running process polls this flag about once a second, wherever it runs.
+    store.request_cancel(deployment_id)
+    recover(store)
     deadline = time.monotonic() + wait_seconds
     while time.monotonic() < deadline:
         status = (store.deployment(deployment_id) or {}).get("status")
@@ -565,6 +573,6 @@ def cancel(store, deployment_id: int, *, wait_seconds: float = 30.0) -> str:
             return status
         time.sleep(0.2)
     raise DeployError(
-        f"deployment {deployment_id} did not stop within {wait_seconds:.0f} s of SIGTERM to"
-        f" process {pid_text}; it is being hard-killed by its runner"
+        f"deployment {deployment_id} did not stop within {wait_seconds:.0f} s; its owner"
+        f" ({row.get('owner') or 'unknown'}) was asked to cancel and will hard-kill the run"
     )

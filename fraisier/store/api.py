@@ -18,6 +18,7 @@ import peewee as pw
 from fraisier.errors import LockedError, NotFoundError, StoreError
 from fraisier.store import schema
 from fraisier.store.constants import (
+    ACTIVE_STATUSES,
     HOST_STAT_KEYS,
     INTERRUPTED,
     QUEUED,
@@ -66,6 +67,7 @@ DETAIL_KEYS = (
     "owner",
     "heartbeat_at",
     "webhook_event_id",
+    "cancel_requested_at",
 )
 EVENT_KEYS = EVENT_COLUMNS[1:]
 # Columns a caller may set through update_deployment / transition(**fields).
@@ -89,6 +91,7 @@ _TIME_KEYS = frozenset(
         "created_at",
         "claimed_at",
         "heartbeat_at",
+        "cancel_requested_at",
         "acquired_at",
         "expires_at",
         "received_at",
@@ -650,6 +653,25 @@ class Store:
         with self._write():
             self._require(deployment_id)
             D.update(**values).where(D.id == deployment_id).execute()
+
+    def request_cancel(self, deployment_id: int) -> bool:
+        """Ask the process running a deployment to cancel it; False if it already ended."""
+        D = self.models.Deployment
+        with self._write():
+            self._require(deployment_id)
+            changed = (
+                D.update(cancel_requested_at=self._now())
+                .where((D.id == deployment_id) & D.status.in_(sorted(ACTIVE_STATUSES)))
+                .execute()
+            )
+        return changed == 1
+
+    def cancel_requested(self, deployment_id: int) -> bool:
+        """Whether `fraisier cancel` asked for this deployment to stop."""
+        rows = self._query(
+            "SELECT cancel_requested_at FROM v_deployment_history WHERE id = ?", [deployment_id]
+        )
+        return bool(rows and rows[0]["cancel_requested_at"])
 
     def heartbeat(self, deployment_id: int) -> None:
         """Record that the process running a deployment is still alive."""

@@ -130,6 +130,9 @@ class Deployment(BaseModel):
     owner = pw.CharField(max_length=255, null=True)
     claimed_at = UTCDateTimeField(null=True)
     heartbeat_at = UTCDateTimeField(null=True)
+    # Set by `fraisier cancel`; the process running the deployment polls it, which works
+    # for a CLI deploy and for one of several running in a webhook worker alike.
+    cancel_requested_at = UTCDateTimeField(null=True)
 
     class Meta:
         table_name = "tb_deployments"

@@ -31,7 +31,7 @@ V_DEPLOYMENT_HISTORY = """
 CREATE VIEW v_deployment_history AS
 SELECT id, fraise, environment, status, "trigger", "commit", branch, dry_run, release_id,
        requested_by, commit_message, options, error, webhook_event_id, owner,
-       created_at, claimed_at, started_at, completed_at, heartbeat_at
+       created_at, claimed_at, started_at, completed_at, heartbeat_at, cancel_requested_at
 FROM tb_deployments
 """
 
