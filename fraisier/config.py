@@ -61,6 +61,7 @@ __all__ = [
 SECRET_MASK = "***"
 CONFIG_ENV_VAR = "FRAISIER_CONFIG"
 SSH_KEY_ENV_VAR = "FRAISIER_SSH_KEY"
+WEBHOOK_SECRET_ENV_VAR = "FRAISIER_WEBHOOK_SECRET"
 CONFIG_FILE_NAME = "fraises.yaml"
 SYSTEM_CONFIG_PATH = Path("/etc/fraisier") / CONFIG_FILE_NAME
 FRAISE_TYPES = ("api", "etl", "scheduled", "backup")
@@ -805,6 +806,8 @@ class Config(_Model):
     branch_mapping: dict[str, tuple[Target, ...]]
     warnings: tuple[str, ...] = ()
     unresolved: tuple[UnsetVariable, ...] = ()
+    # FRAISIER_WEBHOOK_SECRET, for providers whose section names no secret of its own.
+    default_webhook_secret: tuple[str, ...] = ()
 
     def fraise(self, name: str) -> Fraise:
         """The fraise called `name`; NotFoundError listing the known ones otherwise."""
@@ -842,9 +845,9 @@ class Config(_Model):
 
     def webhook_secrets(self, provider: str) -> tuple[str, ...]:
         """The secrets a webhook from `provider` may be signed with; () if none are set."""
-        found = self.git.section(provider)
+        found = self.git.section(provider.replace("-", "_"))
         if found is None:
-            return ()
+            return self.default_webhook_secret
         key, section = found
         for unset in self.unresolved:
             if unset.path[:2] == ("git", key) and unset.path[2:3] in (
@@ -852,7 +855,7 @@ class Config(_Model):
                 ("secret_token",),
             ):
                 raise self._unset_error(unset, "export it before starting Fraisier")
-        return section.webhook_secret
+        return section.webhook_secret or self.default_webhook_secret
 
     def require_resolved(self, fraise_name: str, env_name: str) -> Environment:
         """The environment, after checking every `${VAR}` a deployment of it needs is set."""
@@ -874,7 +877,11 @@ class Config(_Model):
 
     def redacted(self) -> dict:
         """The effective config as plain JSON data, every secret replaced by SECRET_MASK."""
-        data = self.model_dump(mode="json", by_alias=True, exclude={"warnings", "unresolved"})
+        data = self.model_dump(
+            mode="json",
+            by_alias=True,
+            exclude={"warnings", "unresolved", "default_webhook_secret"},
+        )
         # Provider sections sit directly under git: in the file; show them there.
         git = data["git"]
         data["git"] = {k: v for k, v in git.items() if k != "providers"} | git["providers"]
@@ -883,9 +890,13 @@ class Config(_Model):
 
     def secret_values(self) -> tuple[str, ...]:
         """Every resolved secret string in the config, so that output can be checked for it."""
-        data = self.model_dump(mode="json", by_alias=True, exclude={"warnings", "unresolved"})
+        data = self.model_dump(
+            mode="json",
+            by_alias=True,
+            exclude={"warnings", "unresolved", "default_webhook_secret"},
+        )
         unset = {u.variable for u in self.unresolved}
-        found: dict[str, None] = {}
+        found: dict[str, None] = dict.fromkeys(self.default_webhook_secret)
         _collect_secrets(data, False, unset, found)
         return tuple(found)
 
@@ -1052,6 +1063,7 @@ def _load(path: Path, text: str, environ: Mapping[str, str], strict: bool) -> Co
             UnsetVariable(path=key_path, variable=name, line=report.line(key_path))
             for key_path, name in unset_refs
         ),
+        default_webhook_secret=tuple(s for s in [environ.get(WEBHOOK_SECRET_ENV_VAR, "")] if s),
     )
 
 

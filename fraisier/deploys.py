@@ -8,6 +8,7 @@ CLI deploy and a webhook deploy of the same pair never run at once.
 from __future__ import annotations
 
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -173,7 +174,10 @@ class Deployment:
         self.on_progress = on_progress or (lambda _msg: None)
         from fraisier.store import owner_id
 
-        self.holder = owner_id()
+        # Unique per deployment: two deployments in one process (webhook workers) must
+        # not share, and so re-enter, one lock.
+        self.owner = owner_id()
+        self.holder = f"{self.owner}#{secrets.token_hex(3)}"
         self._runner = None
         self._cancel_reason: str | None = None
         self._cancel_message: str | None = None
@@ -355,6 +359,8 @@ class Deployment:
                 dry_run=self.dry_run,
                 requested_by=self.requested_by,
                 commit_message=(info or {}).get("message") or self.commit_message,
+                # Owned from the start, so that a webhook worker never claims it as queued.
+                owner=self.owner,
                 options={
                     "force": self.force,
                     "limit": list(self.limit),
@@ -373,14 +379,7 @@ class Deployment:
             archive_path = ""
             if self.action != "rollback":
                 release_id = make_release_id(sha)
-            self.store.transition(
-                deployment_id,
-                "running",
-                owner=self.holder,
-                commit=sha,
-                release_id=release_id,
-                heartbeat_at=_now(),
-            )
+            self._start(deployment_id, commit=sha, release_id=release_id)
             heartbeat.start()
             if self._cancel_reason:
                 return self._finish(
@@ -446,6 +445,17 @@ class Deployment:
         finally:
             self._stop_heartbeat.set()
             self.store.release_lock(self.fraise.name, self.env.key, holder=self.holder)
+
+    def _start(self, deployment_id: int, **fields: Any) -> None:
+        """queued -> running; a row a worker claimed is running already under our owner."""
+        row = self.store.deployment(deployment_id) or {}
+        fields = {k: v for k, v in fields.items() if v is not None}
+        if row.get("status") == "running" and row.get("owner") == self.owner:
+            self.store.update_deployment(deployment_id, heartbeat_at=_now(), **fields)
+        else:
+            self.store.transition(
+                deployment_id, "running", owner=self.owner, heartbeat_at=_now(), **fields
+            )
 
     def _map_outcome(self, outcome) -> tuple[str, str | None]:
         if outcome.status in ("canceled", "timeout"):

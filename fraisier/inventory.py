@@ -152,7 +152,6 @@ def build_extravars(fraise, env, request: DeploymentRequest) -> dict[str, Any]:
             "fraisier_fraise": fraise.name,
             "fraisier_environment": env.key,
             "fraisier_serial": str(env.serial) if env.serial is not None else "100%",
-            "fraisier_any_errors_fatal": True,
             "fraisier_trigger": unsafe(request.trigger),
             "fraisier_commit": unsafe(request.commit),
             "fraisier_branch": unsafe(request.branch),

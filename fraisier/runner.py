@@ -20,6 +20,7 @@ import secrets as _secrets
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -82,7 +83,9 @@ def default_work_dir(environ: Mapping[str, str] | None = None) -> Path:
     return Path(state) / "fraisier" / "work"
 
 
-def _runner_env(run: PlaybookRun, roles_path: str, control_dir: Path) -> dict[str, str]:
+def _runner_env(
+    run: PlaybookRun, roles_path: str, control_dir: Path, local_temp: Path
+) -> dict[str, str]:
     env = {
         k: v for k, v in os.environ.items() if k in _ENV_ALLOW or k.startswith(_ENV_ALLOW_PREFIXES)
     }
@@ -102,7 +105,7 @@ def _runner_env(run: PlaybookRun, roles_path: str, control_dir: Path) -> dict[st
             "ANSIBLE_NOCOLOR": "True",
             # A private ControlPath dir lets the run's leftover ssh masters be found and stopped.
             "ANSIBLE_SSH_CONTROL_PATH_DIR": str(control_dir),
-            "ANSIBLE_LOCAL_TEMP": str(control_dir.parent / "tmp"),
+            "ANSIBLE_LOCAL_TEMP": str(local_temp),
         }
     )
     env.update(run.envvars)
@@ -209,6 +212,9 @@ class PlaybookRunner:
         self._term_sent = False
         self._lock = threading.Lock()
         self._finished = threading.Event()
+        # ssh's ControlPath must stay under 108 bytes: a short private dir of its own,
+        # whose name also marks the run's ssh masters so that they can be stopped.
+        self.control_dir = Path(tempfile.mkdtemp(prefix="fraisier-cp-"))
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         self.private_data_dir = (
             self.work_dir / "runs" / f"{stamp}-{run.name}-{_secrets.token_hex(4)}"
@@ -264,12 +270,17 @@ class PlaybookRunner:
             return
         self._hard_killed = True
         roots = [self.playbook_pid] if self.playbook_pid else []
-        pids = _descendants(roots) | set(roots) | processes_mentioning(str(self.private_data_dir))
+        pids = _descendants(roots) | set(roots) | self._marked_processes()
         _kill(pids, signal.SIGKILL)
+
+    def _marked_processes(self) -> set[int]:
+        return processes_mentioning(str(self.private_data_dir)) | processes_mentioning(
+            str(self.control_dir)
+        )
 
     def _reap_leftovers(self) -> None:
         """Stop what outlives ansible-playbook: ssh control masters, stray workers."""
-        pids = processes_mentioning(str(self.private_data_dir))
+        pids = self._marked_processes()
         if self.playbook_pid:
             pids |= _descendants([self.playbook_pid])
         if not pids:
@@ -280,10 +291,14 @@ class PlaybookRunner:
             time.sleep(0.05)
         _kill([p for p in pids if _alive(p)], signal.SIGKILL)
 
+    def leftover_processes(self) -> set[int]:
+        """Processes of this run still alive (tests count them after a cancel)."""
+        return {p for p in self._marked_processes() if _alive(p)}
+
     # -- run ------------------------------------------------------------------
     def _prepare_dir(self) -> None:
         pdd = self.private_data_dir
-        for sub in ("inventory", "env", "project", "cp", "tmp"):
+        for sub in ("inventory", "env", "project", "tmp"):
             (pdd / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(pdd, 0o700)
         (pdd / "inventory" / "fraisier.json").write_text(json.dumps(self.run_spec.inventory))
@@ -336,7 +351,9 @@ class PlaybookRunner:
             )
             rc.prepare()
             # prepare() seeds the environment from os.environ: replace it whole.
-            rc.env = _runner_env(run, roles_path, self.private_data_dir / "cp") | {
+            rc.env = _runner_env(
+                run, roles_path, self.control_dir, self.private_data_dir / "tmp"
+            ) | {
                 k: v
                 for k, v in rc.env.items()
                 if k.startswith(("ANSIBLE_CALLBACK", "ANSIBLE_STDOUT_CALLBACK", "AWX_"))
@@ -361,6 +378,7 @@ class PlaybookRunner:
             with self._lock:
                 self._finished.set()
             self._reap_leftovers()
+            shutil.rmtree(self.control_dir, ignore_errors=True)
         if self._cancel_reason is not None:
             status = self._cancel_reason
         elif status not in ("successful", "failed", "canceled", "timeout"):

@@ -1011,7 +1011,8 @@ class Store:
         D = self.models.Deployment
         sql = (
             "SELECT q.id, q.fraise, q.environment FROM tb_deployments q "
-            "WHERE q.status = 'queued' "
+            # A row with an owner is a CLI deploy waiting for its lock, not work for the queue.
+            "WHERE q.status = 'queued' AND q.owner IS NULL "
             "AND NOT EXISTS (SELECT 1 FROM tb_deployments r WHERE r.status = 'running' "
             "AND r.fraise = q.fraise AND r.environment = q.environment) "
             "AND NOT EXISTS (SELECT 1 FROM tb_locks l WHERE l.fraise = q.fraise "

@@ -90,7 +90,7 @@ def write_config(tmp_path: Path, repo: HelloRepo, hosts, **env_overrides) -> Pat
     }
     env.update(env_overrides)
     data = {
-        "git": {"github": {"webhook_secret": "${FRAISIER_WEBHOOK_SECRET:-}"}},
+        "git": {"github": {"webhook_secret": "${FRAISIER_WEBHOOK_SECRET}"}},
         "fraises": {"hello": {"type": "api", "repository": str(repo.path),
                               "environments": {"test": env}}},
     }  # fmt: skip
@@ -125,7 +125,8 @@ def releases(host) -> list[str]:
 
 def last(store_path: Path, fraise="hello", env="test") -> dict:
     with Store.open(store_path, readonly=True) as store:
-        return store.history(fraise=fraise, environment=env, limit=1)[0]
+        rows = store.history(fraise=fraise, environment=env, limit=1)
+    return rows[0] if rows else {"status": None}
 
 
 def test_first_and_second_deploy_then_health_failure_rolls_back(tmp_path, state, repo, hosts):

@@ -266,8 +266,6 @@ def test_read_commands_import_neither_ansible_nor_flask(env, args):
         "('ansible', 'ansible_runner', 'flask', 'werkzeug'))\n"
         "print('LOADED:' + ','.join(bad))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "LOADED:"

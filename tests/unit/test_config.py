@@ -162,7 +162,8 @@ def test_seed_validates_with_secret_set(tmp_path):
         Target(fraise="my_service", environment="production"),
     )
     assert config.webhook_secrets("github") == ("s3cret-value",)
-    assert config.webhook_secrets("gitlab") == ()
+    # No gitlab section: the FRAISIER_WEBHOOK_SECRET fallback applies.
+    assert config.webhook_secrets("gitlab") == ("s3cret-value",)
     assert config.git.provider == "github"
     assert config.git.max_body_bytes == 25 * 1024 * 1024
     assert config.git.providers["github"].allow_sha1 is False
@@ -1014,3 +1015,18 @@ def test_config_module_imports_no_ansible_or_flask():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_webhook_secret_falls_back_to_the_environment(tmp_path):
+    path = tmp_path / "fraises.yaml"
+    path.write_text(
+        "git:\n  gitlab:\n    secret_token: own-token\n"
+        "fraises:\n  a:\n    type: api\n    environments:\n      prod: {name: h}\n"
+    )
+    env = {"FRAISIER_WEBHOOK_SECRET": "from-env-secret"}
+    config = load_config(path, environ=env)
+    assert config.webhook_secrets("github") == ("from-env-secret",)
+    assert config.webhook_secrets("gitlab") == ("own-token",)
+    assert "from-env-secret" in config.secret_values()
+    assert "from-env-secret" not in str(config.redacted())
+    assert load_config(path, environ={}).webhook_secrets("github") == ()

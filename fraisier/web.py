@@ -1,0 +1,730 @@
+"""The webhook receiver and JSON API: Flask app factory and the `fraisier-webhook` server.
+
+A push is verified, recorded and queued in the store within the request; the request never
+waits for Ansible. The queue worker (fraisier.worker) runs the queued deployments.
+
+`fraisier-webhook` runs the queue worker's threads in its main process and serves HTTP from
+a gunicorn server forked from it before any thread starts: several gunicorn worker processes
+answer requests (one Python process stops near 1,200 deliveries/s), while deployments are
+claimed and run in exactly one place, whatever the number of HTTP processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Blueprint, Flask, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from fraisier.errors import ConfigError, FraisierError, NotFoundError, WebhookError
+from fraisier.git import GitProvider, Headers, WebhookEvent, detect_provider, get_provider_class
+from fraisier.git import list_providers as _list_providers
+
+log = logging.getLogger("fraisier.web")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+MAX_API_LIMIT = 1000
+_READ_CHUNK = 64 * 1024
+
+bp = Blueprint("fraisier", __name__)
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def _config_keys(provider: str) -> tuple[str, ...]:
+    # fraises.yaml spells section keys with '_' (bitbucket_server); providers use '-'.
+    return tuple(dict.fromkeys((provider, provider.replace("-", "_"))))
+
+
+def provider_secrets(config, provider: str) -> tuple[str, ...]:
+    """The webhook secrets configured for `provider`; () when none (ConfigError if unset var)."""
+    for key in _config_keys(provider):
+        secrets = config.webhook_secrets(key)
+        if secrets:
+            return tuple(secrets)
+    return ()
+
+
+def provider_options(config, provider: str) -> dict[str, Any]:
+    """Options a GitProvider is built with: secrets, allow_sha1, base_url."""
+    options: dict[str, Any] = {"webhook_secret": list(provider_secrets(config, provider))}
+    for key in _config_keys(provider):
+        found = config.git.section(key)
+        if found is not None:
+            settings = found[1]
+            options["allow_sha1"] = settings.allow_sha1
+            if settings.base_url:
+                options["base_url"] = settings.base_url
+            break
+    return options
+
+
+def secrets_report(config) -> tuple[list[str], list[str]]:
+    """(providers with a secret, providers whose deliveries are refused for lack of one)."""
+    ready, refused = [], []
+    for name in _list_providers():
+        try:
+            (ready if provider_secrets(config, name) else refused).append(name)
+        except ConfigError as exc:
+            refused.append(f"{name} ({exc.message})")
+    return ready, refused
+
+
+def log_secrets(config) -> None:
+    """Say at start-up which providers can deliver and which are refused."""
+    ready, refused = secrets_report(config)
+    if ready:
+        log.info("webhook secrets configured for: %s", ", ".join(ready))
+    if refused:
+        log.warning(
+            "no webhook secret for %s: deliveries from them are refused with 401 (set "
+            "git.<provider>.webhook_secret in fraises.yaml)",
+            ", ".join(refused),
+        )
+
+
+# --------------------------------------------------------------------------- app state
+
+
+@dataclass
+class Receiver:
+    """What the views need: config, store, providers, and how to tell the worker is alive."""
+
+    config: Any
+    store: Any
+    max_body_bytes: int
+    forced_provider: str | None = None
+    worker: Any = None
+    heartbeat: Any = None
+    # A provider, or why its deliveries are refused (its secret is an unset variable).
+    _providers: dict[str, GitProvider | str] = field(default_factory=dict)
+    # Threads of one process take turns to write: a thread that holds SQLite's write lock
+    # while waiting for the GIL would make the others sleep in SQLite's busy handler, whose
+    # back-off (up to 100 ms a try) is what sets the tail latency.
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def provider(self, name: str) -> GitProvider:
+        """The configured provider called `name`; WebhookError 400 unknown, 401 no secret."""
+        cached = self._providers.get(name)
+        if cached is None:
+            provider_class = get_provider_class(name)
+            try:
+                cached = provider_class(provider_options(self.config, name))
+            except ConfigError as exc:
+                cached = f"{exc.message}; deliveries from {name} are refused"
+            self._providers[name] = cached
+        if isinstance(cached, str):
+            raise WebhookError(cached, 401)
+        return cached
+
+    def worker_state(self) -> tuple[str, bool]:
+        """(description, healthy) of the queue worker."""
+        if self.worker is not None:
+            return ("alive", True) if self.worker.alive() else ("stopped", False)
+        if self.heartbeat is not None:
+            from fraisier.worker import STALE_SECONDS
+
+            age, threads = self.heartbeat.read()
+            if age < STALE_SECONDS and threads > 0:
+                return "alive", True
+            return "stopped", False
+        return "disabled", True
+
+
+def _receiver() -> Receiver:
+    return current_app.extensions["fraisier"]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def error_response(error: str, message: str, status: int):
+    """The JSON error shape of every endpoint: {"error": ..., "message": ...}."""
+    response = jsonify({"error": error, "message": message})
+    response.status_code = status
+    return response
+
+
+def _fraisier_error(exc: FraisierError):
+    status = getattr(exc, "http_status", 500) or 500
+    if status >= 500:
+        log.error("%s: %s", type(exc).__name__, exc.message)
+    return error_response(type(exc).__name__, exc.message, status)
+
+
+def _http_error(exc: HTTPException):
+    name = type(exc).__name__
+    return error_response(name, exc.description or exc.name, exc.code or 500)
+
+
+def _unexpected_error(exc: Exception):
+    log.exception("unexpected error answering %s %s", request.method, request.path)
+    return error_response(
+        "InternalServerError", f"{type(exc).__name__}; see the fraisier-webhook log", 500
+    )
+
+
+# --------------------------------------------------------------------------- /webhook
+
+
+def _read_body(limit: int) -> bytes | None:
+    """The raw body, or None when it is longer than `limit` (never reads more than limit+1)."""
+    stream = request.stream
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = stream.read(min(_READ_CHUNK, limit + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return None
+
+
+def _record_rejected(
+    receiver: Receiver, provider: str | None, reason: str, body: bytes | None = None
+) -> None:
+    # The delivery id is left out: a rejected delivery must not block the genuine one, and
+    # an unverified header proves nothing. The body is never stored.
+    try:
+        receiver.store.record_webhook_event(
+            provider=provider or "unknown",
+            delivery_id=None,
+            event_type=request.headers.get(_event_header(provider), None),
+            outcome="rejected",
+            reason=reason[:2000],
+            payload_sha256=hashlib.sha256(body).hexdigest() if body is not None else None,
+        )
+    except FraisierError as exc:
+        log.error("cannot record a rejected delivery: %s", exc.message)
+
+
+def _event_header(provider: str | None) -> str:
+    if provider:
+        try:
+            header = get_provider_class(provider).event_header
+        except WebhookError:
+            header = None
+        if header:
+            return header
+    return "X-GitHub-Event"
+
+
+def _refuse(receiver: Receiver, provider: str | None, exc: WebhookError, body: bytes | None):
+    _record_rejected(receiver, provider, exc.message, body)
+    log.info("refused %s delivery: %s", provider or "unknown", exc.message)
+    return error_response(type(exc).__name__, exc.message, exc.http_status)
+
+
+def _ignore_reason(event: WebhookEvent) -> str | None:
+    """Why an event deploys nothing, or None when it asks for a branch deployment."""
+    if not event.should_deploy:
+        return event.reason or f"{event.event_type} events do not deploy"
+    if event.tag is not None or event.branch is None:
+        return f"{event.ref or 'the ref'} is not a branch: tag pushes do not deploy"
+    return None
+
+
+def _handle_event(
+    receiver: Receiver, provider: str, delivery: str, event: WebhookEvent, digest: str
+) -> dict[str, Any]:
+    common = dict(
+        provider=provider,
+        delivery_id=delivery,
+        event_type=event.event_type,
+        ref=event.ref,
+        branch=event.branch,
+        commit=event.commit,
+        repository=event.repository,
+        pusher=event.pusher,
+        payload_sha256=digest,
+    )
+    summary: dict[str, Any] = {
+        "event_type": event.event_type,
+        "ref": event.ref,
+        "branch": event.branch,
+        "commit": event.commit,
+    }
+    reason = _ignore_reason(event)
+    if reason is not None:
+        outcome = "ping" if event.is_ping else "ignored"
+        with receiver.write_lock:
+            _, is_new = receiver.store.record_webhook_event(
+                outcome=outcome, reason=reason, **common
+            )
+        summary.update(status=outcome if is_new else "duplicate", reason=reason, deployments=[])
+        return summary
+    targets = receiver.config.targets_for_branch(event.branch)
+    with receiver.write_lock:
+        queued = receiver.store.enqueue_from_webhook(
+            targets=[(t.fraise, t.environment) for t in targets],
+            commit_message=event.commit_message,
+            **common,
+        )
+    if queued.duplicate:
+        summary.update(status="duplicate", deployments=[])
+    elif not targets:
+        summary.update(
+            status="ignored",
+            reason=f"no fraise and environment follow branch {event.branch!r}",
+            deployments=[],
+        )
+    else:
+        summary.update(
+            status="queued",
+            deployments=[
+                {
+                    "id": deployment_id,
+                    "fraise": target.fraise,
+                    "environment": target.environment,
+                    "status": "queued",
+                    "commit": event.commit,
+                    "branch": event.branch,
+                }
+                for deployment_id, target in zip(queued, targets, strict=True)
+            ],
+        )
+    return summary
+
+
+@bp.post("/webhook")
+def webhook():
+    """Verify, record and queue one delivery; answer before anything is deployed."""
+    receiver = _receiver()
+    limit = receiver.max_body_bytes
+    headers = Headers(request.headers)
+    forced = request.args.get("provider") or receiver.forced_provider
+    name = forced or detect_provider(headers)
+
+    too_big = WebhookError(
+        f"webhook body is larger than git.max_body_bytes ({limit} bytes); raise it in "
+        f"fraises.yaml if such pushes are expected",
+        413,
+    )
+    if request.content_length is not None and request.content_length > limit:
+        return _refuse(receiver, name, too_big, None)
+    body = _read_body(limit)
+    if body is None:
+        return _refuse(receiver, name, too_big, None)
+    if name is None:
+        unknown = WebhookError(
+            "webhook provider not recognised from the headers (known: "
+            f"{', '.join(_list_providers())}); pass ?provider=NAME in the webhook URL",
+            400,
+        )
+        return _refuse(receiver, None, unknown, body)
+    try:
+        provider = receiver.provider(name)
+        events = provider.handle_all(body, headers)
+    except WebhookError as exc:
+        return _refuse(receiver, name, exc, body)
+
+    digest = hashlib.sha256(body).hexdigest()
+    delivery = events[0].delivery_id or f"sha256:{digest}"
+    summaries = []
+    for index, event in enumerate(events):
+        # One delivery may carry several refs (Bitbucket Server); each has its own row,
+        # named so that a redelivery maps onto the same rows.
+        event_delivery = delivery if index == 0 else f"{delivery}#{index + 1}"
+        summaries.append(_handle_event(receiver, name, event_delivery, event, digest))
+
+    deployments = [d for s in summaries for d in s["deployments"]]
+    statuses = {s["status"] for s in summaries}
+    if deployments:
+        status, code = "queued", 202
+        if receiver.worker is not None:
+            receiver.worker.wake()
+    elif statuses == {"duplicate"}:
+        status, code = "duplicate", 200
+    elif "ping" in statuses:
+        status, code = "ping", 200
+    else:
+        status, code = "ignored", 200
+    answer: dict[str, Any] = {
+        "status": status,
+        "provider": name,
+        "delivery_id": delivery,
+        "deployments": deployments,
+        "events": summaries,
+    }
+    reasons = [s["reason"] for s in summaries if s.get("reason")]
+    if status == "ignored" and reasons:
+        answer["reason"] = "; ".join(dict.fromkeys(reasons))
+    log.info(
+        "%s delivery %s: %s%s",
+        name,
+        delivery,
+        status,
+        f" ({', '.join(str(d['id']) for d in deployments)})" if deployments else "",
+    )
+    response = jsonify(answer)
+    response.status_code = code
+    return response
+
+
+# --------------------------------------------------------------------------- health and API
+
+
+@bp.get("/health")
+def health():
+    """200 when the process, the store and the queue worker are fine; 503 otherwise."""
+    receiver = _receiver()
+    body: dict[str, Any] = {"status": "ok"}
+    healthy = True
+    try:
+        version = receiver.store.schema_version
+        body["store"] = "ok"
+        body["schema_version"] = version
+    except FraisierError as exc:
+        body["store"] = exc.message
+        healthy = False
+    body["worker"], worker_ok = receiver.worker_state()
+    healthy = healthy and worker_ok
+    if not healthy:
+        body["status"] = "unavailable"
+    response = jsonify(body)
+    response.status_code = 200 if healthy else 503
+    return response
+
+
+def _name_arg(name: str) -> str | None:
+    value = request.args.get(name)
+    if value is None or value == "":
+        return None
+    if len(value) > 255 or any(ord(c) < 32 for c in value):
+        raise WebhookError(f"query parameter {name} is not a name: {value[:40]!r}", 400)
+    return value
+
+
+def _limit_arg(default: int = 20) -> int:
+    raw = request.args.get("limit")
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_API_LIMIT:
+        raise WebhookError(
+            f"query parameter limit must be a whole number from 1 to {MAX_API_LIMIT}, got "
+            f"{raw[:20]!r}",
+            400,
+        )
+    return value
+
+
+@bp.get("/api/status")
+def api_status():
+    """Latest deployment per fraise and environment (the fields of `fraisier status --json`)."""
+    rows = _receiver().store.status(
+        fraise=_name_arg("fraise"), environment=_name_arg("environment")
+    )
+    return jsonify(rows)
+
+
+@bp.get("/api/deployments")
+def api_deployments():
+    """Past deployments, newest first (the fields of `fraisier history --json`)."""
+    from fraisier.store import STATUSES
+
+    status = _name_arg("status")
+    if status is not None and status not in STATUSES:
+        raise WebhookError(
+            f"query parameter status must be one of {', '.join(STATUSES)}, got {status!r}", 400
+        )
+    rows = _receiver().store.history(
+        fraise=_name_arg("fraise"),
+        environment=_name_arg("environment"),
+        limit=_limit_arg(),
+        status=status,
+    )
+    return jsonify(rows)
+
+
+@bp.get("/api/deployments/<int:deployment_id>")
+def api_deployment(deployment_id: int):
+    """One deployment with its per-host results, transitions and runner events."""
+    store = _receiver().store
+    row = store.deployment(deployment_id)
+    if row is None:
+        raise NotFoundError(f"no deployment {deployment_id} in the store; see /api/deployments")
+    return jsonify({**row, "events": store.events(deployment_id)})
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def create_app(
+    config=None,
+    *,
+    store=None,
+    start_worker: bool = True,
+    workers: int = 1,
+    heartbeat=None,
+    force_provider: str | None = None,
+) -> Flask:
+    """The Flask app: `config` is a Config, a path to fraises.yaml, or None to find it.
+
+    `start_worker` runs the queue worker's threads in this process (`workers` at once);
+    `heartbeat` lets /health follow a worker that runs in another process.
+    """
+    from fraisier.config import load_config
+    from fraisier.store import Store
+
+    if config is None or isinstance(config, str | os.PathLike):
+        config = load_config(config)
+    if store is None:
+        store = Store.open()
+    if force_provider:
+        get_provider_class(force_provider)
+
+    app = Flask("fraisier")
+    app.json.sort_keys = False
+    receiver = Receiver(
+        config=config,
+        store=store,
+        max_body_bytes=config.git.max_body_bytes,
+        forced_provider=force_provider or None,
+        heartbeat=heartbeat,
+    )
+    app.extensions["fraisier"] = receiver
+    app.register_blueprint(bp)
+    app.register_error_handler(FraisierError, _fraisier_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+    if start_worker:
+        from fraisier.worker import QueueWorker
+
+        receiver.worker = QueueWorker(config, store, workers=workers).start()
+    return app
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def _bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def _default_http_workers() -> int:
+    return max(2, min(8, 2 * (os.cpu_count() or 1)))
+
+
+def serve_http(app_factory, options: Mapping[str, Any]) -> None:
+    """Run gunicorn (programmatically) with `options`; each worker builds its app."""
+    from gunicorn.app.base import BaseApplication
+
+    class _Server(BaseApplication):
+        def load_config(self) -> None:
+            for key, value in options.items():
+                # Older gunicorn releases lack some settings (the control socket): skip them.
+                if key in self.cfg.settings:
+                    self.cfg.set(key, value)
+
+        def load(self):
+            return app_factory()
+
+    _Server().run()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGTERM this process when its parent dies, so no orphan keeps the port."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _run(
+    *,
+    config,
+    host: str,
+    port: int,
+    workers: int,
+    http_workers: int,
+    threads: int,
+    deploy: bool,
+    force_provider: str | None,
+    log_level: str,
+    access_log: bool,
+) -> int:
+    from fraisier.deploys import recover
+    from fraisier.store import Store
+    from fraisier.worker import Heartbeat, QueueWorker
+
+    log_secrets(config)
+    with Store.open() as store:
+        interrupted = recover(store)
+        if interrupted:
+            log.warning(
+                "marked deployment(s) %s interrupted: the process that ran them is gone",
+                ", ".join(map(str, interrupted)),
+            )
+        store.optimize()
+        log.info("store: %s", store.label)
+    heartbeat = Heartbeat() if deploy else None
+
+    options = {
+        "bind": [_bind_address(host, port)],
+        "workers": http_workers,
+        "worker_class": "gthread",
+        "threads": threads,
+        "keepalive": 5,
+        "timeout": 30,
+        "graceful_timeout": 10,
+        "preload_app": False,
+        "proc_name": "fraisier-webhook",
+        # Its default path is shared by every gunicorn of the user: two servers would clash.
+        "control_socket_disable": True,
+        "loglevel": log_level,
+        "errorlog": "-",
+        "accesslog": "-" if access_log else None,
+    }
+
+    def factory() -> Flask:
+        return create_app(
+            config, start_worker=False, heartbeat=heartbeat, force_provider=force_provider
+        )
+
+    # Fork the HTTP server before any thread exists in this process: forking a process
+    # with running threads can leave the child holding locks nobody will release.
+    parent = os.getpid()
+    child = os.fork()
+    if child == 0:
+        code = 0
+        try:
+            _die_with_parent(parent)
+            serve_http(factory, options)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            log.exception("the HTTP server stopped")
+            code = 1
+        finally:
+            os._exit(code)
+
+    stopping = False
+
+    def on_signal(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGTERM)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+
+    worker = None
+    if deploy:
+        worker = QueueWorker(config, Store.open(), workers=workers, heartbeat=heartbeat).start()
+    else:
+        log.warning("deployments are not run by this process (--no-deploy): they stay queued")
+    log.info("listening on http://%s/webhook", _bind_address(host, port))
+    _, status = os.waitpid(child, 0)
+    if not stopping:
+        log.error("the HTTP server exited (status %s); stopping", status)
+    if worker is not None:
+        worker.stop()
+    return 0 if stopping else 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console script `fraisier-webhook`."""
+    import click
+
+    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.option(
+        "--host", envvar="FRAISIER_HOST", default=DEFAULT_HOST, show_default=True,
+        help="Address to listen on ($FRAISIER_HOST).",
+    )  # fmt: skip
+    @click.option(
+        "--port", envvar="FRAISIER_PORT", type=click.IntRange(1, 65535), default=DEFAULT_PORT,
+        show_default=True, help="Port to listen on ($FRAISIER_PORT).",
+    )  # fmt: skip
+    @click.option(
+        "--workers", type=click.IntRange(min=1), default=1, show_default=True,
+        help="Deployments run at once (each of a different fraise+environment).",
+    )  # fmt: skip
+    @click.option(
+        "--config", "config_path", type=click.Path(dir_okay=False),
+        help="fraises.yaml (default: $FRAISIER_CONFIG, ./fraises.yaml, /etc/fraisier/).",
+    )  # fmt: skip
+    @click.option(
+        "--http-workers", type=click.IntRange(1, 64), default=None,
+        help="HTTP server processes [default: 2 per CPU, 2 to 8].",
+    )  # fmt: skip
+    @click.option(
+        "--threads", type=click.IntRange(1, 256), default=4, show_default=True,
+        help="Threads per HTTP server process.",
+    )  # fmt: skip
+    @click.option(
+        "--deploy/--no-deploy", default=True, show_default=True,
+        help="Run queued deployments here; --no-deploy only receives and queues them.",
+    )  # fmt: skip
+    @click.option(
+        "--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+        default="info", show_default=True,
+    )  # fmt: skip
+    @click.option("--access-log", is_flag=True, help="Log every request.")
+    def command(
+        host: str,
+        port: int,
+        workers: int,
+        config_path: str | None,
+        http_workers: int | None,
+        threads: int,
+        deploy: bool,
+        log_level: str,
+        access_log: bool,
+    ) -> None:
+        """Receive Git push webhooks and run the deployments they queue."""
+        from fraisier.config import load_config
+
+        logging.basicConfig(
+            level=log_level.upper(),
+            format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s",
+        )
+        force = os.environ.get("FRAISIER_GIT_PROVIDER") or None
+        try:
+            config = load_config(config_path)
+            if force:
+                get_provider_class(force)
+            code = _run(
+                config=config,
+                host=host,
+                port=port,
+                workers=workers,
+                http_workers=http_workers or _default_http_workers(),
+                threads=threads,
+                deploy=deploy,
+                force_provider=force,
+                log_level=log_level,
+                access_log=access_log,
+            )
+        except FraisierError as exc:
+            click.echo(f"fraisier-webhook: {exc.message}", err=True)
+            sys.exit(2)
+        sys.exit(code)
+
+    command.main(args=argv, prog_name="fraisier-webhook")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,439 @@
+#!/usr/bin/python
+"""Release directories of a fraise on one host: inspect, unpack, switch, cleanup."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: fraise_release
+short_description: Manage the release directories of a fraise on one host
+description:
+  - Keeps C(app_path/releases/<id>), C(app_path/shared) and the C(app_path/current) link.
+  - State lives in C(app_path/.fraisier/) - C(history) lists, one id a line, the releases that
+    went live and passed their checks; C(pending) names the release that is live but not yet
+    checked; C(failed) lists releases that failed their checks.
+  - The rollback target is always read from C(history), never guessed from modification times.
+options:
+  state:
+    description: What to do.
+    type: str
+    required: true
+    choices: [inspect, unpack, switch, cleanup]
+  app_path:
+    description: Absolute path of the application on the host.
+    type: path
+    required: true
+  release_id:
+    description: Release to inspect, unpack or protect from cleanup.
+    type: str
+  archive:
+    description: Path on the host of the C(.tar.gz) to unpack (removed after unpacking).
+    type: path
+  shared_paths:
+    description: Paths relative to the release that link to C(app_path/shared/<path>).
+    type: list
+    elements: str
+    default: []
+  owner:
+    description: Owner given to unpacked releases and created shared paths.
+    type: str
+  group:
+    description: Group given to unpacked releases and created shared paths.
+    type: str
+  target:
+    description:
+      - Release that C(current) must point to (O(state=switch)).
+      - With O(rollback) and no target, the last good release other than O(failed) (or else
+        other than the live one) is chosen.
+      - When there is none, C(current) is removed if it points to O(failed).
+      - With O(confirm) and neither O(rollback) nor a target, the live release is confirmed.
+    type: str
+  confirm:
+    description: Record O(target) as good in C(history) (its checks passed or none exist).
+    type: bool
+    default: false
+  failed:
+    description: Release that failed its checks; it leaves C(history) and C(pending).
+    type: str
+  rollback:
+    description: O(target) is a rollback, so C(history) entries after it are dropped.
+    type: bool
+    default: false
+  cleanup:
+    description: Remove old releases after switching.
+    type: bool
+    default: false
+  keep:
+    description: Number of good releases to keep; the live and rollback releases are always kept.
+    type: int
+    default: 5
+  probe:
+    description: Paths relative to the release whose existence O(state=inspect) reports.
+    type: list
+    elements: str
+    default: []
+author: Fraisier
+"""
+
+import fcntl
+import os
+import re
+import shutil
+import subprocess
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+
+RELEASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MARKER = ".fraisier-release"
+
+
+class Layout:
+    """Paths of one application directory."""
+
+    def __init__(self, app_path):
+        self.app = app_path.rstrip("/") or "/"
+        self.releases = os.path.join(self.app, "releases")
+        self.shared = os.path.join(self.app, "shared")
+        self.current = os.path.join(self.app, "current")
+        self.state = os.path.join(self.app, ".fraisier")
+        self.history = os.path.join(self.state, "history")
+        self.pending = os.path.join(self.state, "pending")
+        self.failed = os.path.join(self.state, "failed")
+
+    def release(self, release_id):
+        return os.path.join(self.releases, release_id)
+
+    def complete(self, release_id):
+        return bool(release_id) and os.path.isfile(os.path.join(self.release(release_id), MARKER))
+
+
+def read_lines(path):
+    try:
+        with open(path) as handle:
+            return [line.strip() for line in handle if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def write_lines(path, lines):
+    # Written aside then renamed, so a reader never sees half a file.
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as handle:
+        handle.write("".join(f"{line}\n" for line in lines))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def remove_file(path):
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def current_target(layout):
+    """Release id that `current` points to, or None."""
+    try:
+        target = os.readlink(layout.current)
+    except OSError:
+        return None
+    return os.path.basename(target.rstrip("/"))
+
+
+def good_order(layout, history):
+    """Good releases still on disk, most recently confirmed first, each once."""
+    seen, order = set(), []
+    for release_id in reversed(history):
+        if release_id not in seen and layout.complete(release_id):
+            seen.add(release_id)
+            order.append(release_id)
+    return order
+
+
+def snapshot(layout, release_id=None, probe=()):
+    """The state of the application directory as the role reads it."""
+    history = read_lines(layout.history)
+    pending = (read_lines(layout.pending) or [None])[0]
+    current = current_target(layout)
+    previous_good = next((r for r in good_order(layout, history) if r != current), None)
+    data = {
+        "current": current,
+        "pending": pending,
+        "history": history[-20:],
+        "previous_good": previous_good,
+        "releases": sorted(
+            name
+            for name in (os.listdir(layout.releases) if os.path.isdir(layout.releases) else [])
+            if not name.startswith(".")
+        ),
+    }
+    if release_id:
+        release_dir = layout.release(release_id)
+        data.update(
+            release_id=release_id,
+            release_path=release_dir,
+            complete=layout.complete(release_id),
+            good=release_id in history,
+            live=current == release_id,
+            live_good=current == release_id and pending != release_id and release_id in history,
+            probe={p: os.path.lexists(os.path.join(release_dir, p)) for p in probe},
+        )
+    return data
+
+
+def check_relative(module, path):
+    parts = path.split("/")
+    if not path or path.startswith("/") or ".." in parts or "" in parts or "." in parts:
+        module.fail_json(
+            msg=f"shared path {path!r} must be relative and plain (no '..', '.', '//' or "
+            "leading '/'): fix fraise_release_shared_paths"
+        )
+
+
+def chown(module, path, owner, group):
+    if not owner and not group:
+        return
+    spec = f"{owner or ''}:{group or ''}" if group else owner
+    proc = subprocess.run(
+        ["chown", "-R", "-h", spec, path], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        module.fail_json(msg=f"chown {spec} {path} failed: {proc.stderr.strip()}")
+
+
+def link_shared(module, layout, staging, shared_paths, owner, group):
+    for rel in shared_paths:
+        check_relative(module, rel)
+        shared = os.path.join(layout.shared, rel)
+        inside = os.path.join(staging, rel)
+        if not os.path.lexists(shared):
+            os.makedirs(os.path.dirname(shared), exist_ok=True)
+            # The first release that ships the path seeds the shared copy; otherwise an
+            # empty directory is made (a shared file must be put there by its owner).
+            if os.path.lexists(inside) and not os.path.islink(inside):
+                shutil.move(inside, shared)
+            else:
+                os.makedirs(shared)
+            chown(module, shared, owner, group)
+        if os.path.isdir(inside) and not os.path.islink(inside):
+            shutil.rmtree(inside)
+        elif os.path.lexists(inside):
+            os.unlink(inside)
+        os.makedirs(os.path.dirname(inside), exist_ok=True)
+        os.symlink(shared, inside)
+
+
+def do_unpack(module, layout, p):
+    release_id = p["release_id"]
+    if layout.complete(release_id):
+        return False, {}
+    if module.check_mode:
+        return True, {"msg": f"release {release_id} would be unpacked"}
+    archive = p["archive"]
+    if not archive or not os.path.isfile(archive):
+        module.fail_json(msg=f"release archive {archive} is missing on the host")
+    for path in (layout.releases, layout.shared, layout.state):
+        os.makedirs(path, exist_ok=True)
+    staging = os.path.join(layout.releases, f".{release_id}.partial")
+    final = layout.release(release_id)
+    for leftover in (staging, final):
+        if os.path.lexists(leftover):
+            shutil.rmtree(leftover)
+    os.makedirs(staging)
+    proc = subprocess.run(
+        ["tar", "-xzf", archive, "-C", staging, "--no-same-owner"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        module.fail_json(msg=f"unpacking {archive} failed: {proc.stderr.strip()}")
+    link_shared(module, layout, staging, p["shared_paths"], p["owner"], p["group"])
+    chown(module, staging, p["owner"], p["group"])
+    os.rename(staging, final)
+    # The marker is written last: a release without it is incomplete and unpacked again.
+    with open(os.path.join(final, MARKER), "w") as handle:
+        handle.write(f"{release_id} {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
+    remove_file(archive)
+    return True, {}
+
+
+def atomic_link(layout, release_id):
+    tmp = os.path.join(layout.app, f".current.{os.getpid()}")
+    remove_file(tmp)
+    os.symlink(os.path.join("releases", release_id), tmp)
+    os.replace(tmp, layout.current)
+
+
+def do_switch(module, layout, p):
+    target, failed = p["target"] or None, p["failed"] or None
+    current = current_target(layout)
+    history = read_lines(layout.history)
+    pending = (read_lines(layout.pending) or [None])[0]
+    actions = []
+
+    if not target and not p["rollback"] and p["confirm"]:
+        # Confirming without a target confirms whatever is live.
+        target = current
+    if not target and p["rollback"]:
+        # The release that failed (or else the live one) is never its own rollback target.
+        skip = failed or current
+        target = next((r for r in good_order(layout, history) if r != skip), None)
+    if target and not layout.complete(target) and module.check_mode and target == p["release_id"]:
+        # A dry run did not unpack the release it would switch to.
+        actions = [f"switch current from {current} to {target}"]
+        return True, {"actions": actions, "previous": current}
+    if target and not layout.complete(target):
+        module.fail_json(
+            msg=f"release {target} is not a complete release under {layout.releases}: "
+            "nothing switched"
+        )
+    new_history = list(history)
+    new_pending = pending
+    if failed:
+        new_history = [r for r in new_history if r != failed]
+        if new_pending == failed:
+            new_pending = None
+    if target and p["rollback"] and target in new_history:
+        last = len(new_history) - 1 - new_history[::-1].index(target)
+        new_history = new_history[: last + 1]
+    if target:
+        if p["confirm"]:
+            if not new_history or new_history[-1] != target:
+                new_history.append(target)
+            if new_pending == target:
+                new_pending = None
+        elif target not in new_history[-1:] or pending == target:
+            new_pending = target
+        else:
+            new_pending = None
+
+    if target and current != target:
+        actions.append(f"switch current from {current} to {target}")
+    if not target and failed and current == failed:
+        actions.append(f"remove current (pointed to failed release {failed})")
+    if new_history != history:
+        actions.append("update history")
+    if new_pending != pending:
+        actions.append(f"set pending to {new_pending}")
+    if failed:
+        actions.append(f"record {failed} as failed")
+
+    if actions and not module.check_mode:
+        os.makedirs(layout.state, exist_ok=True)
+        if failed:
+            with open(layout.failed, "a") as handle:
+                handle.write(f"{failed}\n")
+        # Pending first: if the host dies mid-switch, the live release is never taken as good.
+        if new_pending and new_pending != pending:
+            write_lines(layout.pending, [new_pending])
+        if target and current != target:
+            atomic_link(layout, target)
+        if not target and failed and current == failed:
+            remove_file(layout.current)
+        if new_history != history:
+            write_lines(layout.history, new_history)
+        if not new_pending:
+            remove_file(layout.pending)
+    return bool(actions), {"actions": actions, "previous": current}
+
+
+def do_cleanup(module, layout, p):
+    if not os.path.isdir(layout.releases):
+        return False, {"removed": []}
+    history = read_lines(layout.history)
+    current = current_target(layout)
+    pending = (read_lines(layout.pending) or [None])[0]
+    order = good_order(layout, history)
+    previous_good = next((r for r in order if r != current), None)
+    keep = set(order[: max(p["keep"], 1)])
+    keep.update(r for r in (current, pending, previous_good, p["release_id"]) if r)
+    removed = []
+    for name in sorted(os.listdir(layout.releases)):
+        path = os.path.join(layout.releases, name)
+        if name.startswith("."):
+            # A staging dir of an interrupted unpack, unless it is being unpacked now.
+            if p["release_id"] and name == f".{p['release_id']}.partial":
+                continue
+        elif name in keep:
+            continue
+        removed.append(name)
+        if not module.check_mode:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                remove_file(path)
+    gone = set(removed)
+    new_history = [r for r in history if r not in gone and os.path.isdir(layout.release(r))]
+    if new_history != history and not module.check_mode:
+        write_lines(layout.history, new_history)
+    return bool(removed) or new_history != history, {"removed": removed}
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec={
+            "state": {
+                "type": "str",
+                "required": True,
+                "choices": ["inspect", "unpack", "switch", "cleanup"],
+            },
+            "app_path": {"type": "path", "required": True},
+            "release_id": {"type": "str"},
+            "archive": {"type": "path"},
+            "shared_paths": {"type": "list", "elements": "str", "default": []},
+            "owner": {"type": "str"},
+            "group": {"type": "str"},
+            "target": {"type": "str"},
+            "confirm": {"type": "bool", "default": False},
+            "failed": {"type": "str"},
+            "rollback": {"type": "bool", "default": False},
+            "cleanup": {"type": "bool", "default": False},
+            "keep": {"type": "int", "default": 5},
+            "probe": {"type": "list", "elements": "str", "default": []},
+        },
+        supports_check_mode=True,
+    )
+    p = module.params
+    if not os.path.isabs(p["app_path"]):
+        module.fail_json(msg=f"app_path {p['app_path']!r} must be an absolute path")
+    for key in ("release_id", "target", "failed"):
+        if p[key] and not RELEASE_ID.match(p[key]):
+            module.fail_json(msg=f"{key} {p[key]!r} is not a release id ({RELEASE_ID.pattern})")
+    if p["state"] == "unpack" and not p["release_id"]:
+        module.fail_json(msg="state=unpack needs release_id")
+    layout = Layout(p["app_path"])
+
+    changed, extra = False, {}
+    if p["state"] != "inspect":
+        lock_handle = None
+        if not module.check_mode:
+            os.makedirs(layout.state, exist_ok=True)
+            # Two runs on one host must not interleave their switches.
+            lock_handle = open(os.path.join(layout.state, "lock"), "w")  # noqa: SIM115
+            fcntl.flock(lock_handle, fcntl.LOCK_EX)
+        try:
+            if p["state"] == "unpack":
+                changed, extra = do_unpack(module, layout, p)
+            elif p["state"] == "switch":
+                changed, extra = do_switch(module, layout, p)
+                if p["cleanup"]:
+                    cleaned, more = do_cleanup(module, layout, p)
+                    changed = changed or cleaned
+                    extra.update(more)
+            else:
+                changed, extra = do_cleanup(module, layout, p)
+        finally:
+            if lock_handle:
+                lock_handle.close()
+    result = snapshot(layout, p["release_id"] or p["target"], p["probe"])
+    result.update(extra)
+    module.exit_json(changed=changed, **result)
+
+
+if __name__ == "__main__":
+    main()
