@@ -326,6 +326,8 @@ class PlaybookRunner:
         from ansible_runner.config.runner import RunnerConfig
 
         run = self.run_spec
+        # Keep the artifacts of recent runs for debugging, not of every run ever made.
+        prune_run_dirs(self.work_dir / "runs", KEEP_RUN_DIRS - 1)
         self._prepare_dir()
         from fraisier.resources import builtin_dir
 

@@ -69,7 +69,9 @@ def state(tmp_path, monkeypatch):
     return tmp_path
 
 
-def write_config(tmp_path: Path, repo: HelloRepo, hosts, **env_overrides) -> Path:
+def write_config(
+    tmp_path: Path, repo: HelloRepo, hosts, *, ansible: dict | None = None, **env_overrides
+) -> Path:
     env = {
         "branch": "main",
         "app_path": APP,
@@ -90,6 +92,7 @@ def write_config(tmp_path: Path, repo: HelloRepo, hosts, **env_overrides) -> Pat
     }
     env.update(env_overrides)
     data = {
+        "ansible": ansible or {},
         "git": {"github": {"webhook_secret": "${FRAISIER_WEBHOOK_SECRET}"}},
         "fraises": {"hello": {"type": "api", "repository": str(repo.path),
                               "environments": {"test": env}}},
@@ -136,7 +139,7 @@ def test_first_and_second_deploy_then_health_failure_rolls_back(tmp_path, state,
     vault.write_text("vault-pass-9a8b7c6d\n")
     os.environ["FRAISIER_WEBHOOK_SECRET"] = secret
     try:
-        config = write_config(tmp_path, repo, [host])
+        config = write_config(tmp_path, repo, [host], ansible={"vault_password_file": str(vault)})
         first = fraisier(config, "deploy", "hello", "test", "--json")
         assert first.returncode == 0, first.stdout + first.stderr
         result = json.loads(first.stdout)
