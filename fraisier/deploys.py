@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fraisier.errors import ConfigError, DeployError, FraisierError, LockedError, NotFoundError
-from fraisier.inventory import DeploymentRequest, build_extravars, build_inventory
+from fraisier.inventory import DeploymentRequest, build_extravars, build_inventory, role_vars
 
 LOCK_LEASE_SECONDS = 60.0
 HEARTBEAT_SECONDS = 15.0
@@ -218,6 +218,8 @@ class Deployment:
                 f" (nor fraises.{self.fraise.name}.repository): Fraisier needs the clone URL"
                 " to build the release"
             )
+        # Job units and the like are checked here, before a deployment row exists.
+        role_vars(self.fraise, self.env)
         if self.env.playbook is None:
             from fraisier.resources import builtin_playbook
 

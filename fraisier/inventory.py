@@ -10,12 +10,20 @@ because ansible-core templates plain extra vars: a commit message holding
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fraisier.errors import ConfigError
+
 TARGET_GROUP = "fraisier_targets"
 UNSAFE_KEY = "__ansible_unsafe"
+_UNIT_NAME_RE = re.compile(r"[A-Za-z0-9:_.@-]+")
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# user@host:path or host:path over ssh: no spaces, no leading '-' that rsync would take
+# as an option, no 'host::module' that would mean an rsync daemon.
+_REMOTE_RE = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9._-]*@)?[A-Za-z0-9][A-Za-z0-9.-]*:[^\s:][^\s]*")
 
 
 @dataclass(frozen=True)
@@ -136,9 +144,118 @@ def role_vars(fraise, env) -> dict[str, Any]:
             for key in ("migrate_command", "allow_rebuild", "compile_command"):
                 if database.get(key) is not None:
                     out[f"fraise_api_{key}"] = database[key]
-    else:
-        out[f"fraise_{fraise.type}_config"] = _plain(env)
+    elif fraise.type == "etl":
+        where = f"fraises.{fraise.name}.environments.{env.key}"
+        if not env.script_path:
+            raise ConfigError(
+                f"{where}.script_path is not set: an etl fraise runs that script (relative to"
+                " the release) once per deployment"
+            )
+        _check_relative(env.script_path, f"{where}.script_path")
+        out.update(
+            {
+                "fraise_etl_script_path": env.script_path,
+                "fraise_etl_run_on": env.run_on,
+                "fraise_etl_timeout": env.timeout,
+                "fraise_etl_environment": _job_environment(env, where),
+                "fraise_etl_database": env.database.name if env.database else None,
+            }
+        )
+    elif fraise.type in ("scheduled", "backup"):
+        where = f"fraises.{fraise.name}.environments.{env.key}"
+        out[f"fraise_{fraise.type}_jobs"] = job_units(fraise, env)
+        out[f"fraise_{fraise.type}_environment"] = _job_environment(env, where)
     return {k: v for k, v in out.items() if v is not None}
+
+
+def _check_relative(path: str, where: str) -> None:
+    parts = path.split("/")
+    if path.startswith("/") or ".." in parts or not path.strip():
+        raise ConfigError(f"{where}: {path!r} must be a path inside the release, without '..'")
+
+
+def _job_environment(env, where: str) -> dict[str, str]:
+    """The `vars.env` mapping: environment variables of the scripts and jobs."""
+    variables = (env.vars or {}).get("env") or {}
+    if not isinstance(variables, Mapping):
+        raise ConfigError(f"{where}.vars.env must be a mapping of variable names to values")
+    out = {}
+    for name, value in variables.items():
+        if not _ENV_NAME_RE.fullmatch(str(name)):
+            raise ConfigError(f"{where}.vars.env: {name!r} is not an environment variable name")
+        text = "" if value is None else str(value).lower() if isinstance(value, bool) else value
+        if "\n" in str(text):
+            raise ConfigError(f"{where}.vars.env.{name}: the value spans several lines")
+        out[str(name)] = str(text)
+    return out
+
+
+def job_units(fraise, env) -> list[dict[str, Any]]:
+    """The jobs of a scheduled or backup environment as the roles install them.
+
+    Unit names are settled here, and each schedule is already turned into its
+    OnCalendar= lines, so that the roles only write and check what they are given.
+    """
+    from fraisier.oncalendar import to_oncalendar
+
+    where = f"fraises.{fraise.name}.environments.{env.key}.jobs"
+    services = {
+        name: job.systemd_service or f"{fraise.name}-{name}.service"
+        for name, job in env.jobs.items()
+    }
+    jobs, seen = [], {}
+    for name, job in env.jobs.items():
+        jwhere = f"{where}.{name}"
+        service = services[name]
+        timer = job.systemd_timer or f"{service.rsplit('.', 1)[0]}.timer"
+        units = ((service, ".service", "systemd_service"), (timer, ".timer", "systemd_timer"))
+        for unit, suffix, key in units:
+            if not _UNIT_NAME_RE.fullmatch(unit) or not unit.endswith(suffix) or len(unit) > 255:
+                raise ConfigError(
+                    f"{jwhere}: {unit!r} is not a valid systemd {suffix[1:]} unit name (from"
+                    f" {key if getattr(job, key) else 'the fraise and job names'}): use letters,"
+                    f" digits, ':', '_', '.', '-', at most 255 characters, ending in {suffix}"
+                )
+            if unit in seen:
+                raise ConfigError(f"{jwhere}: unit {unit} is already used by job {seen[unit]}")
+            seen[unit] = name
+        if not (job.script_path or job.command or job.systemd_service):
+            raise ConfigError(
+                f"{jwhere}: give script_path or command (or a systemd_service the release"
+                " ships or the host has) so that the job has something to run"
+            )
+        if job.script_path:
+            _check_relative(job.script_path, f"{jwhere}.script_path")
+        entry: dict[str, Any] = {
+            "name": name,
+            "service": service,
+            "timer": timer,
+            "schedule": job.schedule,
+            "on_calendar": list(to_oncalendar(job.cron)),
+            "description": job.description,
+            "script_path": job.script_path,
+            "command": job.command,
+            "user": job.user,
+            "persistent": job.persistent,
+            "randomized_delay": job.randomized_delay,
+            "enabled": job.enabled,
+            "requires": [services[other] for other in job.depends_on],
+        }
+        if fraise.type == "backup":
+            if job.remote is not None and not _REMOTE_RE.fullmatch(job.remote):
+                raise ConfigError(
+                    f"{jwhere}.remote: {job.remote!r} is not an rsync destination such as"
+                    " backup@host:/srv/backups"
+                )
+            if (job.retention_days or job.remote) and not job.backup_dir:
+                raise ConfigError(
+                    f"{jwhere}: retention_days and remote work on backup_dir, which is not set"
+                )
+            entry.update(
+                backup_dir=job.backup_dir, retention_days=job.retention_days, remote=job.remote
+            )
+        jobs.append({k: v for k, v in entry.items() if v is not None})
+    return jobs
 
 
 def build_extravars(fraise, env, request: DeploymentRequest) -> dict[str, Any]:
