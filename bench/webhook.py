@@ -173,6 +173,9 @@ def running(command: list[str], port: int, env: dict[str, str], log: Path):
         proc = subprocess.Popen(
             command,
             env=env,
+            # Not the checkout: `python -m` puts the working directory first on sys.path,
+            # ahead of PYTHONPATH, and --compare-tree relies on PYTHONPATH.
+            cwd=log.parent,
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -330,14 +333,26 @@ def sustained(root: Path, args, env: dict[str, str]) -> list[dict]:
                 count_rows(db, "SELECT COUNT(*) FROM deliveries") if kind == "minimal" else None
             )
             rows.append(describe(f"{kind} baseline", result, persisted))
-    port = free_port()
     config = fraisier_config(root)
-    with running(fraisier_command(config, port, args), port, env, root / "fraisier.log") as proc:
-        result = run_wrk(port, requests_file, "fraisier", args, proc.pid)
-    persisted = count_rows(
-        root / "fraisier.db", "SELECT COUNT(*) FROM tb_webhook_events WHERE outcome = 'accepted'"
-    )
-    rows.append(describe("fraisier-webhook", result, persisted))
+    servers = [("fraisier-webhook", env, root / "fraisier.db")]
+    if args.compare_tree:
+        # Another checkout of the package (e.g. `git archive HEAD fraisier | tar -x -C DIR`)
+        # measured in the same run: before/after figures under the same machine load.
+        other = {
+            **env,
+            "PYTHONPATH": os.pathsep.join(filter(None, [args.compare_tree, env.get("PYTHONPATH")])),
+            "FRAISIER_DB_PATH": str(root / "compare.db"),
+        }
+        servers.insert(0, ("fraisier (compare)", other, root / "compare.db"))
+    for name, server_env, db in servers:
+        port = free_port()
+        log = root / f"{db.stem}.log"
+        with running(fraisier_command(config, port, args), port, server_env, log) as proc:
+            result = run_wrk(port, requests_file, db.stem, args, proc.pid)
+        persisted = count_rows(
+            db, "SELECT COUNT(*) FROM tb_webhook_events WHERE outcome = 'accepted'"
+        )
+        rows.append(describe(name, result, persisted))
     return rows
 
 
@@ -441,6 +456,7 @@ def print_sustained(rows: list[dict], args) -> None:
         f"-d{args.duration}s, gunicorn {args.http_workers} workers x {args.threads} threads, "
         f"{os.cpu_count()} CPUs shared with wrk"
     )
+    print(f"load average before the run: {args.load_before}")
     print(
         f"{'server':<20}{'req/s':>9}{'persisted/s':>13}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'max ms':>9}{'CPU ms/req':>12}  statuses"
@@ -476,6 +492,11 @@ def main() -> int:
     parser.add_argument("--signed-requests", type=int, default=2000)
     parser.add_argument("--burst", type=int, default=10_000)
     parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument(
+        "--compare-tree",
+        metavar="DIR",
+        help="also measure the fraisier package found in DIR (before/after in one run)",
+    )
     parser.add_argument("--skip-burst", action="store_true")
     parser.add_argument("--skip-sustained", action="store_true")
     parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
@@ -501,7 +522,8 @@ def main() -> int:
         "FRAISIER_WORK_DIR": str(root / "work"),
     }
     env.pop("FRAISIER_DATABASE_URL", None)
-    figures: dict = {}
+    figures: dict = {"load_before": Path("/proc/loadavg").read_text().split()[:3]}
+    args.load_before = " ".join(figures["load_before"])
     ok = True
     try:
         if not args.skip_sustained:

@@ -135,19 +135,23 @@ def short_sha(value: str | None) -> str | None:
     return value[:12] if value else value
 
 
-def check_names(app: AppContext, store, fraise: str | None, environment: str | None) -> None:
-    """Refuse an unknown fraise or environment named on the command line."""
+def check_names(
+    app: AppContext, store, fraise: str | None, environment: str | None
+) -> list[dict] | None:
+    """Refuse an unknown fraise or environment named on the command line; return the
+    unfiltered `store.status()` rows when they had to be read for that, else None."""
     if fraise is None:
-        return
+        return None
     config = app.optional_config()
     if config is not None:
         if environment is None:
             config.fraise(fraise)
         else:
             config.environment(fraise, environment)
-        return
+        return None
     # Without a config file the store is the only list of names there is.
-    known = {(row["fraise"], row["environment"]) for row in store.status()}
+    rows = store.status()
+    known = {(row["fraise"], row["environment"]) for row in rows}
     if not any(f == fraise for f, _ in known):
         raise NotFoundError(
             f"unknown fraise '{fraise}': no fraises.yaml found and the store has no deployment"
@@ -158,6 +162,7 @@ def check_names(app: AppContext, store, fraise: str | None, environment: str | N
         raise NotFoundError(
             f"unknown environment '{environment}' of fraise '{fraise}' (known: {envs})"
         )
+    return rows
 
 
 @click.group(cls=FraisierGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -213,8 +218,15 @@ def list_cmd(app: AppContext, as_json: bool) -> None:
 def status(app: AppContext, fraise: str | None, environment: str | None, as_json: bool) -> None:
     """Show the latest deployment of each fraise and environment."""
     with app.open_store(readonly=True) as store:
-        check_names(app, store, fraise, environment)
-        rows = store.status(fraise=fraise, environment=environment)
+        every_pair = check_names(app, store, fraise, environment)
+        if every_pair is None:
+            rows = store.status(fraise=fraise, environment=environment)
+        else:
+            rows = [
+                row
+                for row in every_pair
+                if row["fraise"] == fraise and environment in (None, row["environment"])
+            ]
     if as_json:
         emit_json(rows)
         return

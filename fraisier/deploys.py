@@ -437,6 +437,8 @@ class Deployment:
                 outcome = self._runner.run()
             self.store.record_host_results(deployment_id, outcome.host_stats)
             status, error = self._map_outcome(outcome)
+            if self.action == "rollback" and status == "successful":
+                release_id, sha = self._live_release(outcome, deployment_id, release_id, sha)
             return self._finish(deployment_id, status, error, outcome.host_stats, release_id, sha)
         except BaseException as exc:
             # Whatever stopped us, the row must not stay `running`.
@@ -447,6 +449,22 @@ class Deployment:
         finally:
             self._stop_heartbeat.set()
             self.store.release_lock(self.fraise.name, self.env.key, holder=self.holder)
+
+    def _live_release(self, outcome, deployment_id: int, release_id, sha):
+        """The release the hosts switched back to, and its commit, recorded on the row."""
+        live = outcome.artifact_data.get("fraisier_live") or {}
+        releases = {str(r) for r in live.values() if r} if isinstance(live, Mapping) else set()
+        if len(releases) != 1:
+            return release_id, sha
+        release_id = releases.pop()
+        if sha is None:
+            known = self.store.deployment_by_release(self.fraise.name, self.env.key, release_id)
+            sha = known.get("commit") if known else None
+        fields = {"release_id": release_id}
+        if sha:
+            fields["commit"] = sha
+        self.store.update_deployment(deployment_id, **fields)
+        return release_id, sha
 
     def _start(self, deployment_id: int, **fields: Any) -> None:
         """queued -> running; a row a worker claimed is running already under our owner."""
@@ -524,26 +542,11 @@ def rollback(
 ) -> Deployment:
     """A deployment that switches `current` back to an earlier release and checks its health."""
     target_commit = None
-    history = store.history(fraise=fraise, environment=environment, limit=200)
-    good = [
-        row
-        for row in history
-        if row["status"] == "successful" and not row["dry_run"] and row.get("trigger") != "rollback"
-    ]
-    if to is None:
-        if len(good) < 2:
-            raise NotFoundError(
-                f"{fraise}/{environment}: no earlier successful release recorded to roll back to;"
-                " name one with --to RELEASE"
-            )
-        target = store.deployment(good[1]["id"])
-        to, target_commit = target.get("release_id"), target.get("commit")
-    else:
-        for row in good:
-            detail = store.deployment(row["id"]) or {}
-            if detail.get("release_id") == to:
-                target_commit = detail.get("commit")
-                break
+    if to is not None:
+        # The commit is known when the release was deployed by Fraisier; without --to the
+        # hosts pick their previous good release and report it (see _live_release).
+        target = store.deployment_by_release(fraise, environment, to)
+        target_commit = target.get("commit") if target else None
     return Deployment(
         config,
         fraise,

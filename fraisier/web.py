@@ -12,7 +12,9 @@ claimed and run in exactly one place, whatever the number of HTTP processes.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -34,6 +36,8 @@ log = logging.getLogger("fraisier.web")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 MAX_API_LIMIT = 1000
+# How often the server copies the WAL into the database (see Checkpointer).
+CHECKPOINT_SECONDS = 0.2
 _READ_CHUNK = 64 * 1024
 
 bp = Blueprint("fraisier", __name__)
@@ -97,6 +101,110 @@ def log_secrets(config) -> None:
 # --------------------------------------------------------------------------- app state
 
 
+class WriteGate:
+    """Makes the webhook writes of every thread of every HTTP process on one host take turns.
+
+    Writers that meet inside SQLite do not queue: the loser sleeps in SQLite's busy handler,
+    whose back-off (1, 2, 5 ... up to 100 ms a try) is what set the tail latency. Threads of
+    one process queue on a threading.Lock, processes on an flock of `path` (a file beside the
+    database), where a waiter wakes as soon as the holder lets go. The kernel drops the flock
+    of a killed process. Without a path (another database), only threads take turns.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None):
+        self._threads = threading.Lock()
+        self._path = os.fspath(path) if path is not None else None
+        self._fd: int | None = None
+        self._pid = 0
+
+    def _file(self) -> int | None:
+        # Opened lazily and per process: a descriptor inherited across fork() would share
+        # its flock with the parent, and the parent's turn would be the child's too.
+        if self._path is None:
+            return None
+        if self._fd is None or self._pid != os.getpid():
+            try:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                log.warning(
+                    "cannot open %s (%s): HTTP processes will meet in SQLite's busy handler",
+                    self._path,
+                    exc.strerror,
+                )
+                self._path = None
+                return None
+            self._pid = os.getpid()
+        return self._fd
+
+    def __enter__(self) -> WriteGate:
+        self._threads.acquire()
+        try:
+            fd = self._file()
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._threads.release()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            if self._fd is not None and self._path is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._threads.release()
+
+
+class Checkpointer:
+    """Runs a SQLite store's WAL checkpoints in a thread, outside every delivery's write turn.
+
+    The HTTP processes' stores defer their checkpoints (Store.defer_checkpoints): their
+    commits then only append to the WAL, and the copying and fsyncs happen here.
+    """
+
+    def __init__(self, store, interval: float = CHECKPOINT_SECONDS):
+        self.store = store
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Checkpointer:
+        """Start the thread; returns self."""
+        self._thread = threading.Thread(target=self._loop, name="fraisier-checkpoint", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        failing = False
+        while not self._stop.wait(self.interval):
+            try:
+                self.store.checkpoint()
+                failing = False
+            except FraisierError as exc:
+                # Writers checkpoint themselves once the WAL is large: a failure here only
+                # moves that cost back into the requests, so keep trying, and say it once.
+                if not failing:
+                    log.warning("WAL checkpoint failed, will retry: %s", exc.message)
+                failing = True
+        with contextlib.suppress(FraisierError):
+            self.store.checkpoint()
+        self.store.close()
+
+    def stop(self) -> None:
+        """Stop the thread after a last checkpoint."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def write_gate(store) -> WriteGate:
+    """The WriteGate of a store: an flock beside a SQLite file, threads only otherwise."""
+    path = getattr(store, "path", None)
+    if getattr(store, "is_sqlite", False) and path is not None:
+        return WriteGate(f"{path}-webhook.lock")
+    return WriteGate(None)
+
+
 @dataclass
 class Receiver:
     """What the views need: config, store, providers, and how to tell the worker is alive."""
@@ -109,10 +217,8 @@ class Receiver:
     heartbeat: Any = None
     # A provider, or why its deliveries are refused (its secret is an unset variable).
     _providers: dict[str, GitProvider | str] = field(default_factory=dict)
-    # Threads of one process take turns to write: a thread that holds SQLite's write lock
-    # while waiting for the GIL would make the others sleep in SQLite's busy handler, whose
-    # back-off (up to 100 ms a try) is what sets the tail latency.
-    write_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Taken around every webhook write; see WriteGate.
+    write_lock: WriteGate = field(default_factory=lambda: WriteGate(None))
 
     def provider(self, name: str) -> GitProvider:
         """The configured provider called `name`; WebhookError 400 unknown, 401 no secret."""
@@ -149,11 +255,20 @@ def _receiver() -> Receiver:
 # --------------------------------------------------------------------------- errors
 
 
+# What jsonify does for the plain dicts and lists answered here, without its per-call set-up.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
+def json_response(body: Any, status: int = 200):
+    """A JSON response of plain data (str, int, bool, None, lists and dicts of them)."""
+    return current_app.response_class(
+        _ENCODER.encode(body) + "\n", status=status, mimetype="application/json"
+    )
+
+
 def error_response(error: str, message: str, status: int):
     """The JSON error shape of every endpoint: {"error": ..., "message": ...}."""
-    response = jsonify({"error": error, "message": message})
-    response.status_code = status
-    return response
+    return json_response({"error": error, "message": message}, status)
 
 
 def _fraisier_error(exc: FraisierError):
@@ -198,15 +313,17 @@ def _record_rejected(
 ) -> None:
     # The delivery id is left out: a rejected delivery must not block the genuine one, and
     # an unverified header proves nothing. The body is never stored.
+    values = dict(
+        provider=provider or "unknown",
+        delivery_id=None,
+        event_type=request.headers.get(_event_header(provider), None),
+        outcome="rejected",
+        reason=reason[:2000],
+        payload_sha256=hashlib.sha256(body).hexdigest() if body is not None else None,
+    )
     try:
-        receiver.store.record_webhook_event(
-            provider=provider or "unknown",
-            delivery_id=None,
-            event_type=request.headers.get(_event_header(provider), None),
-            outcome="rejected",
-            reason=reason[:2000],
-            payload_sha256=hashlib.sha256(body).hexdigest() if body is not None else None,
-        )
+        with receiver.write_lock:
+            receiver.store.record_webhook_event(**values)
     except FraisierError as exc:
         log.error("cannot record a rejected delivery: %s", exc.message)
 
@@ -308,15 +425,14 @@ def webhook():
     forced = request.args.get("provider") or receiver.forced_provider
     name = forced or detect_provider(headers)
 
-    too_big = WebhookError(
-        f"webhook body is larger than git.max_body_bytes ({limit} bytes); raise it in "
-        f"fraises.yaml if such pushes are expected",
-        413,
-    )
-    if request.content_length is not None and request.content_length > limit:
-        return _refuse(receiver, name, too_big, None)
-    body = _read_body(limit)
+    length = request.content_length
+    body = None if length is not None and length > limit else _read_body(limit)
     if body is None:
+        too_big = WebhookError(
+            f"webhook body is larger than git.max_body_bytes ({limit} bytes); raise it in "
+            f"fraises.yaml if such pushes are expected",
+            413,
+        )
         return _refuse(receiver, name, too_big, None)
     if name is None:
         unknown = WebhookError(
@@ -362,16 +478,15 @@ def webhook():
     reasons = [s["reason"] for s in summaries if s.get("reason")]
     if status == "ignored" and reasons:
         answer["reason"] = "; ".join(dict.fromkeys(reasons))
-    log.info(
-        "%s delivery %s: %s%s",
-        name,
-        delivery,
-        status,
-        f" ({', '.join(str(d['id']) for d in deployments)})" if deployments else "",
-    )
-    response = jsonify(answer)
-    response.status_code = code
-    return response
+    if log.isEnabledFor(logging.INFO):
+        log.info(
+            "%s delivery %s: %s%s",
+            name,
+            delivery,
+            status,
+            f" ({', '.join(str(d['id']) for d in deployments)})" if deployments else "",
+        )
+    return json_response(answer, code)
 
 
 # --------------------------------------------------------------------------- health and API
@@ -498,6 +613,7 @@ def create_app(
         max_body_bytes=config.git.max_body_bytes,
         forced_provider=force_provider or None,
         heartbeat=heartbeat,
+        write_lock=write_gate(store),
     )
     app.extensions["fraisier"] = receiver
     app.register_blueprint(bp)
@@ -599,9 +715,12 @@ def _run(
     }
 
     def factory() -> Flask:
-        return create_app(
+        app = create_app(
             config, start_worker=False, heartbeat=heartbeat, force_provider=force_provider
         )
+        # The Checkpointer of the main process copies the WAL into the database.
+        app.extensions["fraisier"].store.defer_checkpoints()
+        return app
 
     # Fork the HTTP server before any thread exists in this process: forking a process
     # with running threads can leave the child holding locks nobody will release.
@@ -631,6 +750,10 @@ def _run(
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
 
+    checkpoint_store = Store.open()
+    # Connections are per thread: the Checkpointer's thread opens its own.
+    checkpoint_store.close()
+    checkpointer = Checkpointer(checkpoint_store).start()
     worker = None
     if deploy:
         worker = QueueWorker(config, Store.open(), workers=workers, heartbeat=heartbeat).start()
@@ -642,6 +765,7 @@ def _run(
         log.error("the HTTP server exited (status %s); stopping", status)
     if worker is not None:
         worker.stop()
+    checkpointer.stop()
     return 0 if stopping else 1
 
 

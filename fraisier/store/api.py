@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -32,6 +33,8 @@ from fraisier.store.models import BoundModels, db_timestamp, iso_utc, parse_ts, 
 from fraisier.store.writer import EVENT_COLUMNS, EventWriter
 
 BUSY_TIMEOUT_S = 5.0
+# WAL size (4 KiB pages) at which a writer checkpoints itself when checkpoints are deferred.
+DEFERRED_CHECKPOINT_PAGES = 8000
 ROOT_DB_PATH = Path("/var/lib/fraisier/fraisier.db")
 
 STATUS_KEYS = (
@@ -70,6 +73,36 @@ DETAIL_KEYS = (
     "cancel_requested_at",
 )
 EVENT_KEYS = EVENT_COLUMNS[1:]
+# Column order of the prepared webhook rows (see Store._webhook_row).
+WEBHOOK_COLUMNS = (
+    "provider",
+    "delivery_id",
+    "event_type",
+    "ref",
+    "branch",
+    "commit",
+    "repository",
+    "pusher",
+    "payload_sha256",
+    "outcome",
+    "reason",
+    "received_at",
+)
+# Column order of a deployment queued by a webhook (see Store.enqueue_from_webhook).
+QUEUED_COLUMNS = (
+    "fraise",
+    "environment",
+    "status",
+    "trigger",
+    "commit",
+    "branch",
+    "dry_run",
+    "requested_by",
+    "commit_message",
+    "webhook_event_id",
+    "options",
+    "created_at",
+)
 # Columns a caller may set through update_deployment / transition(**fields).
 UPDATABLE = frozenset(
     {
@@ -337,6 +370,29 @@ class Store:
                 self.db.execute_sql("PRAGMA analysis_limit=1000")
             self.db.execute_sql("ANALYZE")
 
+    def defer_checkpoints(self, pages: int = DEFERRED_CHECKPOINT_PAGES) -> None:
+        """Leave WAL checkpoints to a background caller of checkpoint(): this store's
+        connections then only checkpoint themselves once the WAL holds `pages` pages."""
+        if self.readonly or not self.is_sqlite:
+            return
+        # A checkpoint run by a committing writer happens inside its write turn and costs
+        # two fsyncs, so every other writer waits for them; with SQLite's default (1,000
+        # pages, about 100 webhook deliveries) that was half the cost of a delivery. The
+        # fallback keeps the WAL bounded should the background checkpoints stop.
+        with self._errors():
+            self.db.pragma("wal_autocheckpoint", int(pages), permanent=True)
+
+    def checkpoint(self) -> tuple[int, int]:
+        """Copy committed WAL frames into the database without waiting for readers or
+        writers (a PASSIVE checkpoint); (frames in the WAL, frames copied), (0, 0) if not WAL."""
+        if self.readonly or not self.is_sqlite:
+            return 0, 0
+        with self._errors():
+            row = self.db.execute_sql("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if not row or row[1] < 0:
+            return 0, 0
+        return int(row[1]), int(row[2])
+
     @property
     def is_sqlite(self) -> bool:
         """Whether the backend is SQLite."""
@@ -514,6 +570,15 @@ class Store:
             "SELECT * FROM v_deployment_history WHERE fraise = ? AND environment = ? "
             "AND status = 'successful' AND NOT dry_run ORDER BY id DESC LIMIT 1",
             [fraise, environment],
+        )
+        return self._shape(rows[0], DETAIL_KEYS) if rows else None
+
+    def deployment_by_release(self, fraise: str, environment: str, release_id: str) -> dict | None:
+        """The latest deployment that made release `release_id` of a fraise+environment."""
+        rows = self._query(
+            "SELECT * FROM v_deployment_history WHERE fraise = ? AND environment = ? "
+            "AND release_id = ? ORDER BY id DESC LIMIT 1",
+            [fraise, environment, release_id],
         )
         return self._shape(rows[0], DETAIL_KEYS) if rows else None
 
@@ -869,6 +934,89 @@ class Store:
 
     # ------------------------------------------------------------------ webhooks and queue
 
+    # The webhook write path is hand-written SQL: building these statements through the
+    # query builder cost ten times as much as running them, and part of that inside the
+    # write transaction, where every other receiver waits. Everything a statement needs
+    # (timestamps, JSON, parameter tuples) is made before the transaction opens.
+
+    @functools.cached_property
+    def _webhook_sql(self) -> dict[str, str]:
+        mark = self.db.param
+        returning = " RETURNING id" if self._returning else ""
+        columns = ", ".join(f'"{c}"' for c in WEBHOOK_COLUMNS)
+        queued = ", ".join(f'"{c}"' for c in QUEUED_COLUMNS)
+        # An older queued webhook deployment of the same pair and dry_run.
+        older = (
+            f"fraise = {mark} AND environment = {mark} AND status = '{QUEUED}' "
+            f"AND \"trigger\" = 'webhook' AND dry_run = {mark} AND id < {mark}"
+        )
+        supersede = (
+            f"UPDATE tb_deployments SET status = '{SUPERSEDED}', completed_at = {mark}, "
+            f"error = {mark} WHERE "
+        )
+        return {
+            # UNIQUE(provider, delivery_id) decides, in the same statement as the insert:
+            # no read-then-insert window. NULL delivery ids never collide.
+            "webhook": (
+                f"INSERT INTO tb_webhook_events ({columns}) "
+                f"VALUES ({', '.join([mark] * len(WEBHOOK_COLUMNS))}) "
+                f"ON CONFLICT DO NOTHING{returning}"
+            ),
+            "webhook_id": (
+                f"SELECT id FROM tb_webhook_events WHERE provider = {mark} AND delivery_id = {mark}"
+            ),
+            "deployment": (
+                f"INSERT INTO tb_deployments ({queued}) "
+                f"VALUES ({', '.join([mark] * len(QUEUED_COLUMNS))}){returning}"
+            ),
+            "supersede_older": supersede + older + returning,
+            "older_ids": f"SELECT id FROM tb_deployments WHERE {older}",
+            "supersede_id": supersede + f"id = {mark} AND status = '{QUEUED}'",
+            "transition": (
+                "INSERT INTO tb_deployment_transitions "
+                "(deployment_id, from_status, to_status, detail, created_at) "
+                f"VALUES ({mark}, {mark}, {mark}, {mark}, {mark})"
+            ),
+        }
+
+    @functools.cached_property
+    def _returning(self) -> bool:
+        """Whether INSERT/UPDATE ... RETURNING can be used (SQLite has it from 3.35)."""
+        return not self.is_sqlite or sqlite3.sqlite_version_info >= (3, 35, 0)
+
+    def _insert_id(self, sql: str, params: Sequence[Any]) -> int | None:
+        """Run an INSERT of one row; its id, or None when ON CONFLICT DO NOTHING skipped it."""
+        cursor = self.db.execute_sql(sql, params)
+        if self._returning:
+            # fetchall() steps the statement to its end, so nothing is pending at COMMIT.
+            rows = cursor.fetchall()
+            return int(rows[0][0]) if rows else None
+        return int(cursor.lastrowid) if cursor.rowcount == 1 else None
+
+    def _webhook_row(
+        self, values: Mapping[str, Any], outcome: str, reason: str | None, stamp: object
+    ) -> tuple:
+        if not values.get("provider") or not outcome:
+            raise StoreError("a webhook event needs a provider and an outcome")
+        row = {**values, "outcome": outcome, "reason": reason, "received_at": stamp}
+        return tuple(row.get(column) for column in WEBHOOK_COLUMNS)
+
+    def _insert_webhook(self, row: tuple) -> tuple[int, bool]:
+        """Inside a write transaction: insert a prepared webhook row; (id, is_new)."""
+        sql = self._webhook_sql
+        new_id = self._insert_id(sql["webhook"], row)
+        if new_id is not None:
+            return new_id, True
+        provider, delivery_id = row[0], row[1]
+        found = self.db.execute_sql(sql["webhook_id"], (provider, delivery_id)).fetchone()
+        if found is None:
+            # Only a NULL delivery id could get here, and NULLs never collide.
+            raise StoreError(
+                f"{self.label}: webhook delivery {delivery_id!r} from {provider} was neither "
+                "recorded nor found; check the UNIQUE index of tb_webhook_events"
+            )
+        return int(found[0]), False
+
     def record_webhook_event(
         self,
         *,
@@ -886,35 +1034,20 @@ class Store:
     ) -> tuple[int, bool]:
         """Record a delivery; return (id, is_new). A known (provider, delivery_id) is not
         recorded again: the UNIQUE index decides, so two racing receivers cannot both win."""
-        if not provider or not outcome:
-            raise StoreError("a webhook event needs a provider and an outcome")
-        W = self.models.WebhookEvent
         values = {
             "provider": provider,
             "delivery_id": delivery_id,
             "event_type": event_type,
-            "outcome": outcome,
-            "reason": reason,
             "ref": ref,
             "branch": branch,
             "commit": commit,
             "repository": repository,
             "pusher": pusher,
             "payload_sha256": payload_sha256,
-            "received_at": self._now(),
         }
+        row = self._webhook_row(values, outcome, reason, self._ts(self._now()))
         with self._write():
-            if delivery_id is None:
-                return int(W.insert(**values).execute()), True
-            cursor = self.db.execute(W.insert(**values).on_conflict_ignore())
-            is_new = cursor.rowcount == 1
-            row = (
-                W.select(W.id)
-                .where((W.provider == provider) & (W.delivery_id == delivery_id))
-                .tuples()
-                .first()
-            )
-        return int(row[0]), is_new
+            return self._insert_webhook(row)
 
     def enqueue_from_webhook(
         self,
@@ -939,64 +1072,67 @@ class Store:
         duplicate delivery queues nothing (result.duplicate is True). No target: the
         delivery is recorded as ignored.
         """
-        outcome = "accepted" if targets else "ignored"
-        reason = None if targets else "no fraise and environment follow this branch"
-        D = self.models.Deployment
+        stamp = self._ts(self._now())
+        values = {
+            "provider": provider,
+            "delivery_id": delivery_id,
+            "event_type": event_type,
+            "ref": ref,
+            "branch": branch,
+            "commit": commit,
+            "repository": repository,
+            "pusher": pusher,
+            "payload_sha256": payload_sha256,
+        }
+        if targets:
+            webhook_row = self._webhook_row(values, "accepted", None, stamp)
+        else:
+            reason = "no fraise and environment follow this branch"
+            webhook_row = self._webhook_row(values, "ignored", reason, stamp)
+        dry_run = bool(dry_run)
+        encoded = json.dumps(dict(options), sort_keys=True, default=str) if options else None
+        # (fraise, environment, webhook_event_id) are filled in by position inside the
+        # transaction; the rest of each row is ready before it opens.
+        pairs = [(str(fraise), str(environment)) for fraise, environment in targets]
+        tail = (QUEUED, "webhook", commit, branch, dry_run, pusher, commit_message)
+        suffix = f" (commit {commit[:12]})" if commit else ""
         with self._write():
-            webhook_id, is_new = self.record_webhook_event(
-                provider=provider,
-                delivery_id=delivery_id,
-                event_type=event_type,
-                outcome=outcome,
-                reason=reason,
-                ref=ref,
-                branch=branch,
-                commit=commit,
-                repository=repository,
-                pusher=pusher,
-                payload_sha256=payload_sha256,
-            )
+            sql = self._webhook_sql
+            webhook_id, is_new = self._insert_webhook(webhook_row)
             if not is_new:
                 return Enqueued([], webhook_event_id=webhook_id, duplicate=True)
-            ids = []
-            for fraise, environment in targets:
-                deployment_id = self._create(
-                    fraise=fraise,
-                    environment=environment,
-                    trigger="webhook",
-                    commit=commit,
-                    branch=branch,
-                    dry_run=dry_run,
-                    status=QUEUED,
-                    requested_by=pusher,
-                    commit_message=commit_message,
-                    options=options,
-                    webhook_event_id=webhook_id,
-                    owner=None,
+            ids: list[int] = []
+            transitions: list[tuple] = []
+            for fraise, environment in pairs:
+                deployment_id = self._insert_id(
+                    sql["deployment"],
+                    (fraise, environment, *tail, webhook_id, encoded, stamp),
                 )
-                older = [
-                    row[0]
-                    for row in D.select(D.id)
-                    .where(
-                        (D.fraise == fraise)
-                        & (D.environment == environment)
-                        & (D.status == QUEUED)
-                        & (D.trigger == "webhook")
-                        & (D.dry_run == dry_run)
-                        & (D.id < deployment_id)
-                    )
-                    .tuples()
-                ]
-                detail = f"superseded by deployment {deployment_id}" + (
-                    f" (commit {commit[:12]})" if commit else ""
+                transitions.append((deployment_id, None, QUEUED, None, stamp))
+                detail = f"superseded by deployment {deployment_id}{suffix}"
+                older = self._supersede(
+                    (stamp, detail, fraise, environment, dry_run, deployment_id)
                 )
-                for old_id in older:
-                    D.update(status=SUPERSEDED, completed_at=self._now(), error=detail).where(
-                        (D.id == old_id) & (D.status == QUEUED)
-                    ).execute()
-                    self._add_transition(old_id, QUEUED, SUPERSEDED, detail)
+                transitions.extend((old, QUEUED, SUPERSEDED, detail, stamp) for old in older)
                 ids.append(deployment_id)
+            if transitions:
+                self.db.cursor().executemany(sql["transition"], transitions)
         return Enqueued(ids, webhook_event_id=webhook_id, duplicate=False)
+
+    def _supersede(self, params: tuple) -> list[int]:
+        """Inside a write transaction: mark older queued webhook deployments of a pair
+        superseded; return their ids."""
+        sql = self._webhook_sql
+        if self._returning:
+            cursor = self.db.execute_sql(sql["supersede_older"], params)
+            return [row[0] for row in cursor.fetchall()]
+        # Old SQLite: BEGIN IMMEDIATE already holds the write lock, so reading the ids
+        # then updating them cannot race another writer.
+        stamp, detail = params[0], params[1]
+        older = [row[0] for row in self.db.execute_sql(sql["older_ids"], params[2:])]
+        for old_id in older:
+            self.db.execute_sql(sql["supersede_id"], (stamp, detail, old_id))
+        return older
 
     def claim_next(
         self, *, owner: str, exclude_pairs: Iterable[tuple[str, str]] = ()

@@ -177,6 +177,21 @@ def test_first_and_second_deploy_then_health_failure_rolls_back(tmp_path, state,
         status = json.loads(fraisier(config, "status", "--json").stdout)
         assert status[0]["status"] == "rolled_back"
 
+        # An operator rollback goes back to the release before the live one: version 1.
+        back = fraisier(config, "rollback", "hello", "test", "--json")
+        assert back.returncode == 0, back.stdout + back.stderr
+        assert json.loads(back.stdout)["release_id"] == result["release_id"]
+        assert served(host).startswith("hello 1 ")
+        assert current_release(host).endswith(result["release_id"])
+        row = last(state / "state" / "fraisier.db")
+        assert (row["trigger"], row["status"], row["commit"]) == (
+            "rollback",
+            "successful",
+            result["commit"],
+        )
+        logs = fraisier(config, "logs", str(row["id"]))
+        assert logs.returncode == 0 and "successful" in logs.stdout
+
         # No secret anywhere Fraisier writes.
         for needle in (secret, "vault-pass-9a8b7c6d"):
             found = subprocess.run(

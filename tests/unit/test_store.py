@@ -485,3 +485,16 @@ def test_opening_many_stores_leaves_no_references_behind(tmp_path):
         Store.open(tmp_path / f"{n}.db").close()
     after = len(models.Deployment._meta.backrefs), len(models.Deployment._meta.model_backrefs)
     assert after == before
+
+
+def test_deployment_by_release_finds_the_latest_maker_of_a_release(store):
+    first = store.create_deployment(
+        fraise="api", environment="prod", trigger="cli", commit="a" * 40
+    )
+    store.transition(first, "running", release_id="r1")
+    store.transition(first, "successful")
+    other = store.create_deployment(fraise="api", environment="qa", trigger="cli", commit="b" * 40)
+    store.transition(other, "running", release_id="r1")
+    assert store.deployment_by_release("api", "prod", "r1")["commit"] == "a" * 40
+    assert store.deployment_by_release("api", "qa", "r1")["id"] == other
+    assert store.deployment_by_release("api", "prod", "r2") is None

@@ -331,3 +331,100 @@ def test_two_claimer_processes_never_claim_the_same_deployment(db_path):
     assert set(everything) == ids
     with Store.open(db_path, readonly=True) as reader:
         assert {r["status"] for r in reader.history(limit=None)} == {"successful"}
+
+
+def test_enqueue_records_the_same_rows_as_a_deployment_created_by_hand(store):
+    queued = store.enqueue_from_webhook(
+        **webhook_fields("d-1", "c1"),
+        targets=[("api", "production")],
+        commit_message="First",
+        options={"tags": ["web"]},
+    )
+    row = store.deployment(queued[0])
+    assert row["options"] == {"tags": ["web"]}
+    assert (row["dry_run"], row["owner"], row["started_at"], row["completed_at"]) == (
+        False,
+        None,
+        None,
+        None,
+    )
+    assert row["created_at"] == "2026-11-27T03:45:01Z"
+    assert [(t["from_status"], t["to_status"]) for t in row["transitions"]] == [(None, "queued")]
+    event = store.webhook_events()[0]
+    assert (event["id"], event["outcome"], event["reason"]) == (
+        queued.webhook_event_id,
+        "accepted",
+        None,
+    )
+    assert (event["delivery_id"], event["commit"], event["payload_sha256"]) == (
+        "d-1",
+        "c1",
+        "ab" * 32,
+    )
+
+
+def test_supersede_keeps_dry_runs_and_records_the_transition(store):
+    live = store.enqueue_from_webhook(**webhook_fields("d-1"), targets=[("api", "production")])
+    dry = store.enqueue_from_webhook(
+        **webhook_fields("d-2"), targets=[("api", "production")], dry_run=True
+    )
+    store.clock.tick(5)
+    newer = store.enqueue_from_webhook(
+        **webhook_fields("d-3", "0123456789abcdef"), targets=[("api", "production")]
+    )
+    old = store.deployment(live[0])
+    assert old["status"] == "superseded"
+    assert old["completed_at"] == "2026-11-27T03:45:06Z"
+    assert old["transitions"][-1] == {
+        "from_status": "queued",
+        "to_status": "superseded",
+        "detail": f"superseded by deployment {newer[0]} (commit 0123456789ab)",
+        "created_at": "2026-11-27T03:45:06Z",
+    }
+    # A dry run is superseded only by a newer dry run of the same pair.
+    assert store.deployment(dry[0])["status"] == "queued"
+
+
+@pytest.mark.parametrize("returning", [True, False])
+def test_webhook_path_with_and_without_returning(store, returning):
+    # SQLite before 3.35 has no RETURNING: ids come from lastrowid, superseded rows are read
+    # first. Both paths must give the same results.
+    store._returning = returning
+    first = store.enqueue_from_webhook(**webhook_fields("d-1"), targets=[("api", "production")])
+    second = store.enqueue_from_webhook(**webhook_fields("d-2"), targets=[("api", "production")])
+    again = store.enqueue_from_webhook(**webhook_fields("d-2"), targets=[("api", "production")])
+    assert len(first) == len(second) == 1 and second[0] > first[0]
+    assert again.duplicate and again.webhook_event_id == second.webhook_event_id
+    assert store.record_webhook_event(**webhook_fields("d-1"), outcome="accepted") == (
+        first.webhook_event_id,
+        False,
+    )
+    assert [r["status"] for r in store.history()] == ["queued", "superseded"]
+    rejected = store.record_webhook_event(
+        **webhook_fields(delivery_id=None), outcome="rejected", reason="bad signature"
+    )
+    assert rejected[1] and rejected[0] > second.webhook_event_id
+
+
+def test_deferred_checkpoints_leave_the_wal_to_checkpoint(db_path):
+    with Store.open(db_path) as writer:
+        writer.defer_checkpoints(5000)
+        assert writer.db.execute_sql("PRAGMA wal_autocheckpoint").fetchone()[0] == 5000
+        seen = []
+        # A connection opened later, by another thread, gets the setting too.
+        thread = threading.Thread(
+            target=lambda: seen.append(
+                writer.db.execute_sql("PRAGMA wal_autocheckpoint").fetchone()[0]
+            )
+        )
+        thread.start()
+        thread.join()
+        assert seen == [5000]
+        for n in range(50):
+            writer.enqueue_from_webhook(**webhook_fields(f"d-{n}"), targets=[("api", "production")])
+        frames, copied = writer.checkpoint()
+        assert frames > 0 and copied == frames
+        assert writer.checkpoint() == (frames, frames)
+    with Store.open(db_path, readonly=True) as reader:
+        assert reader.checkpoint() == (0, 0)
+        assert len(reader.webhook_events()) == 50

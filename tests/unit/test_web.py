@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 from fraisier.config import load_config
 from fraisier.git import sign_headers
 from fraisier.store import Store
-from fraisier.web import create_app, secrets_report
+from fraisier.web import Checkpointer, WriteGate, create_app, secrets_report, write_gate
 
 SECRET = "s3cret-for-tests"
 OLD_SECRET = "the-secret-being-rotated-out"
@@ -568,3 +570,87 @@ def test_wrong_method_is_a_json_error(client):
     response = client.get("/webhook")
     assert response.status_code == 405
     assert response.json["error"] == "MethodNotAllowed"
+
+
+# --------------------------------------------------------------------------- write path
+
+
+def test_queued_answer_names_the_rows_it_inserted(client, store):
+    answer = post(client, "github", payload("github/push_new_branch.json"), delivery="q")
+    assert answer.status_code == 202
+    assert answer.content_type == "application/json"
+    for item in answer.json["deployments"]:
+        row = store.deployment(item["id"])
+        assert {k: row[k] for k in ("fraise", "environment", "status", "commit", "branch")} == {
+            k: item[k] for k in ("fraise", "environment", "status", "commit", "branch")
+        }
+
+
+def test_write_gate_makes_processes_take_turns(tmp_path):
+    lock_path = tmp_path / "db-webhook.lock"
+    gate = WriteGate(lock_path)
+    with gate:
+        pass  # opened in this process before the fork: the child must not share it
+    ctx = multiprocessing.get_context("fork")
+    held, release = ctx.Event(), ctx.Event()
+
+    def hold() -> None:
+        with gate:
+            held.set()
+            release.wait(10)
+
+    child = ctx.Process(target=hold)
+    child.start()
+    try:
+        assert held.wait(10)
+        waited: list[float] = []
+
+        def enter() -> None:
+            started = time.monotonic()
+            with gate:
+                waited.append(time.monotonic() - started)
+
+        thread = threading.Thread(target=enter)
+        thread.start()
+        time.sleep(0.3)
+        assert waited == [] and thread.is_alive()
+        release.set()
+        thread.join(10)
+        assert len(waited) == 1 and waited[0] >= 0.3
+    finally:
+        release.set()
+        child.join(10)
+
+
+def test_write_gate_of_a_store(store, tmp_path):
+    gate = write_gate(store)
+    with gate:
+        assert Path(f"{store.path}-webhook.lock").exists()
+
+
+def test_checkpointer_copies_the_wal_and_stops(tmp_path):
+    db = tmp_path / "cp.db"
+    with Store.open(db) as writer:
+        writer.defer_checkpoints()
+        for n in range(20):
+            writer.enqueue_from_webhook(
+                provider="github",
+                delivery_id=f"d-{n}",
+                event_type="push",
+                targets=[("api", "production")],
+                commit="c",
+                branch="master",
+            )
+        background = Store.open(db)
+        background.close()
+        results: list[tuple[int, int]] = []
+        checkpoint = background.checkpoint
+        background.checkpoint = lambda: results.append(checkpoint()) or results[-1]
+        checkpointer = Checkpointer(background, interval=0.05).start()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not results:
+            time.sleep(0.02)
+        checkpointer.stop()
+        assert not checkpointer._thread.is_alive()
+        frames, copied = results[0]
+        assert frames > 0 and copied == frames
