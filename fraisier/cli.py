@@ -547,7 +547,7 @@ def deploy(
     hosts = [h for item in limit for h in item.split(",") if h]
 
     def make(store, printer, progress):
-        return Deployment(
+        deployment = Deployment(
             config,
             fraise,
             environment,
@@ -563,7 +563,10 @@ def deploy(
             on_event=printer.put,
             on_progress=progress,
         )
+        return deployment
 
+    # Bad input is refused before the store is opened: nothing is written, not even the file.
+    make(None, EventPrinter(verbose=False, enabled=False), None).validate()
     _run_deployment(app, make, as_json=as_json, verbose=verbose)
 
 

@@ -86,9 +86,7 @@ class DeployResult:
 def _work_dir(work_dir: Path | None) -> Path:
     from fraisier.runner import default_work_dir
 
-    path = Path(work_dir) if work_dir else default_work_dir()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path(work_dir) if work_dir else default_work_dir()
 
 
 def _prune_archives(archive_dir: Path, keep: int = KEEP_ARCHIVES) -> None:
@@ -185,7 +183,8 @@ class Deployment:
         self._stop_heartbeat = threading.Event()
 
     # -- checks before anything is written -------------------------------------
-    def _validate(self) -> None:
+    def validate(self) -> None:
+        """Every check that needs neither the store nor the network; nothing is written."""
         from fraisier.source import validate_branch, validate_sha
 
         self.config.require_resolved(self.fraise.name, self.env.key)
@@ -211,6 +210,11 @@ class Deployment:
             raise ConfigError(
                 f"fraises.{self.fraise.name}.environments.{self.env.key}.app_path is not set:"
                 " Fraisier needs the folder that holds releases/ and current"
+            )
+        if self.action != "rollback" and not (self.commit or self.branch or self.env.branch):
+            raise ConfigError(
+                f"fraises.{self.fraise.name}.environments.{self.env.key}.branch is not set:"
+                " set the branch this environment deploys, or pass --commit SHA"
             )
         if not self.env.repository and self.action != "rollback":
             raise ConfigError(
@@ -325,7 +329,8 @@ class Deployment:
         from fraisier.runner import PlaybookRun, PlaybookRunner
         from fraisier.source import make_release_id
 
-        self._validate()
+        self.validate()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
         recover(self.store)
         mirror = sha = info = None
         if self.action != "rollback":

@@ -269,3 +269,22 @@ def test_read_commands_import_neither_ansible_nor_flask(env, args):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "LOADED:"
+
+
+def test_deploy_without_a_branch_names_the_key_and_writes_nothing(env, tmp_path):
+    cfg = tmp_path / "nobranch.yaml"
+    cfg.write_text(
+        "fraises:\n  svc:\n    type: api\n    repository: /nonexistent/repo\n"
+        "    environments:\n      prod: {name: web1, app_path: /srv/svc}\n"
+    )
+    result = CliRunner().invoke(cli, ["-c", str(cfg), "deploy", "svc", "prod"])
+    assert result.exit_code == 1
+    assert "fraises.svc.environments.prod.branch is not set" in result.output
+    assert not env["db"].exists()
+
+
+def test_deploy_of_an_unknown_environment_is_one_line(env):
+    result = CliRunner().invoke(cli, ["deploy", "my_service", "qa"])
+    assert result.exit_code == 1
+    assert "'qa'" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not env["db"].exists()
