@@ -3,6 +3,15 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import re
+import shutil
+import subprocess
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+
 DOCUMENTATION = r"""
 ---
 module: fraise_release
@@ -29,6 +38,20 @@ options:
   archive:
     description: Path on the host of the C(.tar.gz) to unpack (removed after unpacking).
     type: path
+  src:
+    description:
+      - Path on the controller of the C(.tar.gz) to unpack (O(state=unpack)); the action
+        sends it to the host's temporary dir and unpacks it in the same call. Nothing is
+        sent in check mode.
+      - Mutually exclusive with O(archive).
+    type: path
+  build:
+    description:
+      - Shell command run once in the release directory after it is unpacked
+        (O(state=unpack)), with the environment of the task; success leaves
+        C(.fraisier-built) in the release, so a release is built once.
+      - Empty means no build.
+    type: str
   shared_paths:
     description: Paths relative to the release that link to C(app_path/shared/<path>).
     type: list
@@ -75,17 +98,11 @@ options:
 author: Fraisier
 """
 
-import fcntl
-import os
-import re
-import shutil
-import subprocess
-import time
-
-from ansible.module_utils.basic import AnsibleModule
-
 RELEASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 MARKER = ".fraisier-release"
+BUILT = ".fraisier-built"
+# Output kept in the result of a build: enough to read a failure, not a whole log.
+OUTPUT_TAIL = 4000
 
 
 class Layout:
@@ -262,6 +279,33 @@ def do_unpack(module, layout, p):
     return True, {}
 
 
+def do_build(module, layout, release_id, command):
+    release_dir = layout.release(release_id)
+    if not layout.complete(release_id) or os.path.exists(os.path.join(release_dir, BUILT)):
+        return False, {}
+    if module.check_mode:
+        return True, {"msg": f"release {release_id} would be built"}
+    proc = subprocess.run(
+        ["/bin/sh", "-c", f"set -e; {command}"],
+        cwd=release_dir,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        check=False,
+    )
+    out = {"rc": proc.returncode, "stdout": proc.stdout[-OUTPUT_TAIL:],
+           "stderr": proc.stderr[-OUTPUT_TAIL:]}  # fmt: skip
+    if proc.returncode != 0:
+        last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+        module.fail_json(
+            msg=f"build of release {release_id} failed with exit code {proc.returncode}: {last}",
+            **out,
+        )
+    with open(os.path.join(release_dir, BUILT), "w"):
+        pass
+    return True, {"build": out}
+
+
 def atomic_link(layout, release_id):
     tmp = os.path.join(layout.app, f".current.{os.getpid()}")
     remove_file(tmp)
@@ -385,6 +429,7 @@ def main():
             "app_path": {"type": "path", "required": True},
             "release_id": {"type": "str"},
             "archive": {"type": "path"},
+            "build": {"type": "str"},
             "shared_paths": {"type": "list", "elements": "str", "default": []},
             "owner": {"type": "str"},
             "group": {"type": "str"},
@@ -430,6 +475,11 @@ def main():
         finally:
             if lock_handle:
                 lock_handle.close()
+    if p["state"] == "unpack" and p["build"]:
+        # Outside the lock: a long build must not hold up another run's switch.
+        built, more = do_build(module, layout, p["release_id"], p["build"])
+        changed = changed or built
+        extra.update(more)
     result = snapshot(layout, p["release_id"] or p["target"], p["probe"])
     result.update(extra)
     module.exit_json(changed=changed, **result)
