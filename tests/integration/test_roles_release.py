@@ -225,3 +225,25 @@ def test_check_mode_changes_nothing(app, tmp_path):
     assert unpack["changed"] and switch["changed"] and cleanup["changed"]
     assert cleanup["removed"] == ["r3"]
     assert tree(app.path) == before
+
+
+def test_build_runs_once_in_the_release_and_reports_failures(app, tmp_path):
+    archive = make_archive(tmp_path, "b1", {"VERSION": "b1"})
+    args = dict(state="unpack", release_id="b1", archive=str(archive))
+    preview = app.call(check=True, build="echo built >> BUILD_LOG", **args)
+    assert preview["changed"] and not app.path.exists()
+    first = app.call(build="echo built >> BUILD_LOG", **args)
+    assert first["changed"] and first["build"]["rc"] == 0
+    log = app.path / "releases" / "b1" / "BUILD_LOG"
+    assert log.read_text() == "built\n"
+    again = app.call(build="echo built >> BUILD_LOG", **args)
+    assert not again["changed"]
+    assert log.read_text() == "built\n"
+
+    broken = make_archive(tmp_path, "b2", {"VERSION": "b2"})
+    failed = app.call(
+        state="unpack", release_id="b2", archive=str(broken), build="echo oops >&2; exit 3"
+    )
+    assert failed["failed"]
+    assert failed["msg"] == "build of release b2 failed with exit code 3: oops"
+    assert not (app.path / "releases" / "b2" / ".fraisier-built").exists()
