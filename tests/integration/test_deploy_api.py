@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,57 +19,20 @@ from fraisier.deploys import Deployment
 from fraisier.errors import LockedError
 from fraisier.runner import processes_mentioning
 from fraisier.store import Store
+from tests.integration.support import ExampleRepo, fraisier
 
 pytestmark = pytest.mark.hosts
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO_ROOT / "examples" / "hello"
 APP = "/srv/hello"
-GIT = ["git", "-c", "user.name=Dev", "-c", "user.email=dev@example.com"]
-
-
-class HelloRepo:
-    """A real git repository holding the example app, with helpers to commit changes."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        shutil.copytree(EXAMPLE, path)
-        self.git("init", "-q", "-b", "main")
-        self.commit("version 1", {"VERSION": "1\n"})
-
-    def git(self, *args: str) -> str:
-        out = subprocess.run(
-            [*GIT, *args], cwd=self.path, check=True, capture_output=True, text=True
-        )
-        return out.stdout.strip()
-
-    def commit(self, message: str, files: dict[str, str | None]) -> str:
-        for name, content in files.items():
-            target = self.path / name
-            if content is None:
-                target.unlink(missing_ok=True)
-            else:
-                target.write_text(content)
-        self.git("add", "-A")
-        self.git("commit", "-q", "--allow-empty", "-m", message)
-        return self.git("rev-parse", "HEAD")
 
 
 @pytest.fixture
-def repo(tmp_path) -> HelloRepo:
-    return HelloRepo(tmp_path / "hello")
-
-
-@pytest.fixture
-def state(tmp_path, monkeypatch):
-    monkeypatch.setenv("FRAISIER_DB_PATH", str(tmp_path / "state" / "fraisier.db"))
-    monkeypatch.setenv("FRAISIER_WORK_DIR", str(tmp_path / "work"))
-    monkeypatch.delenv("FRAISIER_DATABASE_URL", raising=False)
-    return tmp_path
+def repo(tmp_path) -> ExampleRepo:
+    return ExampleRepo(tmp_path / "hello", "hello", {"VERSION": "1\n"})
 
 
 def write_config(
-    tmp_path: Path, repo: HelloRepo, hosts, *, ansible: dict | None = None, **env_overrides
+    tmp_path: Path, repo: ExampleRepo, hosts, *, ansible: dict | None = None, **env_overrides
 ) -> Path:
     env = {
         "branch": "main",
@@ -100,16 +62,6 @@ def write_config(
     path = tmp_path / "fraises.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
-
-
-def fraisier(config: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fraisier", "-c", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=os.environ.copy(),
-    )
 
 
 def served(host) -> str:

@@ -4,48 +4,20 @@ retention, an rsync copy to a second host, and a failing backup that changes not
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.integration.support import ExampleRepo, fraisier
+
 pytestmark = pytest.mark.hosts
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO_ROOT / "examples" / "jobs"
-GIT = ["git", "-c", "user.name=Dev", "-c", "user.email=dev@example.com"]
 APP = "/srv/backups"
 DUMPS = "/var/backups/dump"
 OFFSITE = "/var/backups/offsite"
 COPY = "/srv/copy"
 HELPER = "/usr/local/lib/fraisier/backup-retention"
-
-
-class JobsRepo:
-    """A real git repository holding examples/jobs."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        shutil.copytree(EXAMPLE, path)
-        self.git("init", "-q", "-b", "main")
-        self.commit("version 1", {})
-
-    def git(self, *args: str) -> str:
-        out = subprocess.run(
-            [*GIT, *args], cwd=self.path, check=True, capture_output=True, text=True
-        )
-        return out.stdout.strip()
-
-    def commit(self, message: str, files: dict[str, str]) -> str:
-        for name, content in files.items():
-            (self.path / name).write_text(content)
-        self.git("add", "-A")
-        self.git("commit", "-q", "--allow-empty", "-m", message)
-        return self.git("rev-parse", "HEAD")
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +35,7 @@ def pair(module_hosts):
     return backup, target
 
 
-@pytest.fixture
-def state(tmp_path, monkeypatch):
-    monkeypatch.setenv("FRAISIER_DB_PATH", str(tmp_path / "state" / "fraisier.db"))
-    monkeypatch.setenv("FRAISIER_WORK_DIR", str(tmp_path / "work"))
-    monkeypatch.delenv("FRAISIER_DATABASE_URL", raising=False)
-    return tmp_path
-
-
-def write_config(tmp_path: Path, repo: JobsRepo, backup, target) -> Path:
+def write_config(tmp_path: Path, repo: ExampleRepo, backup, target) -> Path:
     env = {
         "branch": "main",
         "app_path": APP,
@@ -102,16 +66,6 @@ def write_config(tmp_path: Path, repo: JobsRepo, backup, target) -> Path:
     return path
 
 
-def fraisier(config: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fraisier", "-c", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=os.environ.copy(),
-    )
-
-
 def deploy(config: Path, *args: str) -> dict:
     out = fraisier(config, "deploy", "backups", "test", "--json", *args)
     assert out.stdout, out.stderr
@@ -128,7 +82,7 @@ def age(host, path: str, days: int) -> None:
 
 def test_backup_jobs_keep_retention_copy_off_host_and_fail_safely(tmp_path, state, pair):
     backup, target = pair
-    repo = JobsRepo(tmp_path / "backups")
+    repo = ExampleRepo(tmp_path / "backups", "jobs")
     config = write_config(tmp_path, repo, backup, target)
 
     dry = deploy(config, "--dry-run")

@@ -3,47 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.integration.support import ExampleRepo, fraisier
+
 pytestmark = pytest.mark.hosts
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO_ROOT / "examples" / "jobs"
-GIT = ["git", "-c", "user.name=Dev", "-c", "user.email=dev@example.com"]
 OUTPUT = "/var/lib/jobs/etl.out"
-
-
-class JobsRepo:
-    """A real git repository holding examples/jobs."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        shutil.copytree(EXAMPLE, path)
-        self.git("init", "-q", "-b", "main")
-        self.commit("version 1", {})
-
-    def git(self, *args: str) -> str:
-        out = subprocess.run(
-            [*GIT, *args], cwd=self.path, check=True, capture_output=True, text=True
-        )
-        return out.stdout.strip()
-
-    def commit(self, message: str, files: dict[str, str | None]) -> str:
-        for name, content in files.items():
-            if content is None:
-                (self.path / name).unlink()
-            else:
-                (self.path / name).write_text(content)
-        self.git("add", "-A")
-        self.git("commit", "-q", "--allow-empty", "-m", message)
-        return self.git("rev-parse", "HEAD")
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +20,7 @@ def two_hosts(module_hosts):
     return module_hosts(2)
 
 
-@pytest.fixture
-def state(tmp_path, monkeypatch):
-    monkeypatch.setenv("FRAISIER_DB_PATH", str(tmp_path / "state" / "fraisier.db"))
-    monkeypatch.setenv("FRAISIER_WORK_DIR", str(tmp_path / "work"))
-    monkeypatch.delenv("FRAISIER_DATABASE_URL", raising=False)
-    return tmp_path
-
-
-def write_config(tmp_path: Path, repo: JobsRepo, hosts, **env_overrides) -> Path:
+def write_config(tmp_path: Path, repo: ExampleRepo, hosts, **env_overrides) -> Path:
     env = {
         "branch": "main",
         "app_path": "/srv/etl",
@@ -76,16 +37,6 @@ def write_config(tmp_path: Path, repo: JobsRepo, hosts, **env_overrides) -> Path
     path = tmp_path / "fraises.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
-
-
-def fraisier(config: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fraisier", "-c", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=os.environ.copy(),
-    )
 
 
 def deploy(config: Path, *args: str) -> dict:
@@ -106,7 +57,7 @@ def test_script_runs_once_on_the_first_host_then_everywhere(tmp_path, state, two
     one, two = two_hosts
     for host in two_hosts:
         host.ssh(f"rm -rf {OUTPUT} /srv/etl")
-    repo = JobsRepo(tmp_path / "etl")
+    repo = ExampleRepo(tmp_path / "etl", "jobs")
     config = write_config(tmp_path, repo, two_hosts)
 
     first = deploy(config)
@@ -135,7 +86,7 @@ def test_script_runs_once_on_the_first_host_then_everywhere(tmp_path, state, two
 
 def test_failing_script_fails_with_its_last_lines_and_switches_nothing(tmp_path, state, two_hosts):
     one = two_hosts[0]
-    repo = JobsRepo(tmp_path / "etl")
+    repo = ExampleRepo(tmp_path / "etl", "jobs")
     config = write_config(tmp_path, repo, [one], app_path="/srv/etl-fail")
     assert deploy(config)["rc"] == 0
     live = current(one, "/srv/etl-fail")
@@ -154,7 +105,7 @@ def test_failing_script_fails_with_its_last_lines_and_switches_nothing(tmp_path,
 
 def test_missing_script_fails_naming_the_path_before_running(tmp_path, state, two_hosts):
     one = two_hosts[0]
-    repo = JobsRepo(tmp_path / "etl")
+    repo = ExampleRepo(tmp_path / "etl", "jobs")
     config = write_config(
         tmp_path, repo, [one], app_path="/srv/etl-missing", script_path="bin/nope"
     )

@@ -3,45 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.integration.support import ExampleRepo, fraisier
+
 pytestmark = pytest.mark.hosts
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO_ROOT / "examples" / "jobs"
 APP = "/srv/jobs"
-GIT = ["git", "-c", "user.name=Dev", "-c", "user.email=dev@example.com"]
 UNITS = "/etc/systemd/system"
-
-
-class JobsRepo:
-    """A real git repository holding examples/jobs."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        shutil.copytree(EXAMPLE, path)
-        self.git("init", "-q", "-b", "main")
-        self.commit("version 1", {})
-
-    def git(self, *args: str) -> str:
-        out = subprocess.run(
-            [*GIT, *args], cwd=self.path, check=True, capture_output=True, text=True
-        )
-        return out.stdout.strip()
-
-    def commit(self, message: str, files: dict[str, str]) -> str:
-        for name, content in files.items():
-            (self.path / name).write_text(content)
-        self.git("add", "-A")
-        self.git("commit", "-q", "--allow-empty", "-m", message)
-        return self.git("rev-parse", "HEAD")
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +22,7 @@ def host(module_hosts):
     return booted
 
 
-@pytest.fixture
-def state(tmp_path, monkeypatch):
-    monkeypatch.setenv("FRAISIER_DB_PATH", str(tmp_path / "state" / "fraisier.db"))
-    monkeypatch.setenv("FRAISIER_WORK_DIR", str(tmp_path / "work"))
-    monkeypatch.delenv("FRAISIER_DATABASE_URL", raising=False)
-    return tmp_path
-
-
-def write_config(tmp_path: Path, repo: JobsRepo, host, jobs: dict, **env_overrides) -> Path:
+def write_config(tmp_path: Path, repo: ExampleRepo, host, jobs: dict, **env_overrides) -> Path:
     env = {
         "branch": "main",
         "app_path": APP,
@@ -74,16 +38,6 @@ def write_config(tmp_path: Path, repo: JobsRepo, host, jobs: dict, **env_overrid
     path = tmp_path / "fraises.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
-
-
-def fraisier(config: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fraisier", "-c", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=os.environ.copy(),
-    )
 
 
 def deploy(config: Path, *args: str) -> dict:
@@ -124,7 +78,7 @@ JOBS = {
 
 
 def test_deploy_installs_timers_then_removes_dropped_jobs_only(tmp_path, state, host):
-    repo = JobsRepo(tmp_path / "jobs")
+    repo = ExampleRepo(tmp_path / "jobs", "jobs")
     # A unit of the ops team, not installed by Fraisier, that Fraisier must never touch.
     host.ssh(
         f"printf '[Service]\\nType=oneshot\\nExecStart=/bin/true\\n' > {UNITS}/jobs-ops.service;"
@@ -190,7 +144,7 @@ def test_deploy_installs_timers_then_removes_dropped_jobs_only(tmp_path, state, 
 
 
 def test_schedule_refused_by_systemd_installs_nothing(tmp_path, state, host):
-    repo = JobsRepo(tmp_path / "jobs")
+    repo = ExampleRepo(tmp_path / "jobs", "jobs")
     # The config's own conversion always gives valid lines: pass broken ones directly,
     # as a user's vars could, to see the host's check stop the deployment.
     bad = [
