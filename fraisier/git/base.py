@@ -652,3 +652,16 @@ def check_short_ref(value: str | None, where: str) -> None:
     """Validate the branch or tag part of a full ref."""
     if value is not None:
         validate_ref_name(value, where)
+
+
+class BuiltinProvider(GitProvider):
+    """A provider shipped with Fraisier: it overrides check_signature, which says why a
+    signature fails, and answers the custom-provider API's yes/no question from it."""
+
+    def verify_webhook_signature(self, payload: bytes, headers: Mapping[str, str]) -> bool:
+        """True when the delivery's signature verifies."""
+        try:
+            self.check_signature(payload, headers)
+        except WebhookError:
+            return False
+        return True

@@ -12,11 +12,9 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from fraisier.errors import WebhookError
-
 from .base import (
     ZERO_SHA,
-    GitProvider,
+    BuiltinProvider,
     Headers,
     Payload,
     WebhookEvent,
@@ -48,7 +46,7 @@ def is_server_delivery(headers: Mapping[str, str]) -> bool | None:
     return view.value("X-Request-Id") is not None
 
 
-class BitbucketProvider(GitProvider):
+class BitbucketProvider(BuiltinProvider):
     """Bitbucket Cloud; also understands Server/Data Center deliveries sent to it."""
 
     name = "bitbucket"
@@ -66,14 +64,6 @@ class BitbucketProvider(GitProvider):
     def check_signature(self, payload: bytes, headers: Mapping[str, str]) -> None:
         """Check `X-Hub-Signature: sha256=<hex>`."""
         self.check_hmac(payload, headers, self.signature_header)
-
-    def verify_webhook_signature(self, payload: bytes, headers: Mapping[str, str]) -> bool:
-        """True when the delivery's signature verifies."""
-        try:
-            self.check_signature(payload, headers)
-        except WebhookError:
-            return False
-        return True
 
     def delivery_id(self, headers: Mapping[str, str], body: bytes) -> str:
         """X-Request-UUID (Cloud) or X-Request-Id (Server), else a hash of the body."""

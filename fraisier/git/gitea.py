@@ -10,13 +10,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 
-from fraisier.errors import WebhookError
-
-from .base import GitProvider, Headers, Payload, WebhookEvent, hmac_hex
+from .base import BuiltinProvider, Headers, Payload, WebhookEvent, hmac_hex
 from .github import event_name, parse_push_payload, parse_ref_event
 
 
-class GiteaProvider(GitProvider):
+class GiteaProvider(BuiltinProvider):
     """Gitea (self-hosted)."""
 
     name = "gitea"
@@ -29,14 +27,6 @@ class GiteaProvider(GitProvider):
     def check_signature(self, payload: bytes, headers: Mapping[str, str]) -> None:
         """Check the bare-hex HMAC-SHA256 in the provider's own signature header."""
         self.check_hmac(payload, headers, self.signature_header, prefix=None)
-
-    def verify_webhook_signature(self, payload: bytes, headers: Mapping[str, str]) -> bool:
-        """True when the delivery's signature verifies."""
-        try:
-            self.check_signature(payload, headers)
-        except WebhookError:
-            return False
-        return True
 
     def parse_webhook_event(self, headers: Mapping[str, str], payload: dict) -> WebhookEvent:
         """Normalise push (including the all-zero test delivery), create and delete."""

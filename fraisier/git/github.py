@@ -14,7 +14,7 @@ from fraisier.errors import WebhookError
 
 from .base import (
     ZERO_SHA,
-    GitProvider,
+    BuiltinProvider,
     Headers,
     Payload,
     WebhookEvent,
@@ -149,7 +149,7 @@ def parse_ref_event(p: Payload, provider: str, event: str) -> WebhookEvent:
     )
 
 
-class GitHubProvider(GitProvider):
+class GitHubProvider(BuiltinProvider):
     """GitHub and GitHub Enterprise Server."""
 
     name = "github"
@@ -184,14 +184,6 @@ class GitHubProvider(GitProvider):
             )
             return
         self.check_hmac(payload, view, self.signature_header)
-
-    def verify_webhook_signature(self, payload: bytes, headers: Mapping[str, str]) -> bool:
-        """True when the delivery's signature verifies."""
-        try:
-            self.check_signature(payload, headers)
-        except WebhookError:
-            return False
-        return True
 
     def parse_webhook_event(self, headers: Mapping[str, str], payload: dict) -> WebhookEvent:
         """Normalise a push, ping, create or delete delivery; anything else is `other`."""

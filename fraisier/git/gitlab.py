@@ -15,7 +15,7 @@ from fraisier.errors import WebhookError
 
 from .base import (
     ZERO_SHA,
-    GitProvider,
+    BuiltinProvider,
     Headers,
     Payload,
     WebhookEvent,
@@ -26,7 +26,7 @@ from .base import (
 _KINDS = {"Push Hook": "push", "Tag Push Hook": "tag_push"}
 
 
-class GitLabProvider(GitProvider):
+class GitLabProvider(BuiltinProvider):
     """GitLab."""
 
     name = "gitlab"
@@ -49,14 +49,6 @@ class GitLabProvider(GitProvider):
                 f"set the same secret token on both sides",
                 401,
             )
-
-    def verify_webhook_signature(self, payload: bytes, headers: Mapping[str, str]) -> bool:
-        """True when the token matches."""
-        try:
-            self.check_signature(payload, headers)
-        except WebhookError:
-            return False
-        return True
 
     def parse_webhook_event(self, headers: Mapping[str, str], payload: dict) -> WebhookEvent:
         """Normalise a Push Hook or Tag Push Hook (also as a System Hook)."""
