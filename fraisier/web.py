@@ -30,6 +30,7 @@ from werkzeug.exceptions import HTTPException
 from fraisier.errors import ConfigError, FraisierError, NotFoundError, WebhookError
 from fraisier.git import GitProvider, Headers, WebhookEvent, detect_provider, get_provider_class
 from fraisier.git import list_providers as _list_providers
+from fraisier.store.api import BatchedWriteError
 
 log = logging.getLogger("fraisier.web")
 
@@ -39,6 +40,7 @@ MAX_API_LIMIT = 1000
 # How often the server copies the WAL into the database (see Checkpointer).
 CHECKPOINT_SECONDS = 0.2
 _READ_CHUNK = 64 * 1024
+TARGET_CACHE_SIZE = 1024
 
 bp = Blueprint("fraisier", __name__)
 
@@ -155,6 +157,44 @@ class WriteGate:
             self._threads.release()
 
 
+class GroupCommit:
+    """Commits the webhook writes that wait for the write turn together, in one transaction.
+
+    A delivery's write joins the pending list, then waits for the WriteGate. The thread
+    that gets it takes every pending write, its own and those of the threads queued behind
+    it, and runs them all in one transaction: one BEGIN, one COMMIT, one pass over the
+    index pages they share. A thread whose write was committed by another returns as soon
+    as it gets its turn. Every write is committed before its delivery is answered.
+    """
+
+    def __init__(self, store, gate: WriteGate):
+        self.store = store
+        self.gate = gate
+        self._pending: list[list[Any]] = []
+        self._mutex = threading.Lock()
+
+    def run(self, write) -> Any:
+        """Run one prepared write (Store.prepare_enqueue, prepare_webhook_record); its result."""
+        # [write, result, done]; the gate orders the leader's writes before a waiter's read.
+        entry: list[Any] = [write, None, False]
+        with self._mutex:
+            self._pending.append(entry)
+        with self.gate:
+            if not entry[2]:
+                with self._mutex:
+                    batch, self._pending = self._pending, []
+                try:
+                    results = self.store.run_webhook_writes([e[0] for e in batch])
+                except BaseException as exc:
+                    results = [BatchedWriteError(exc)] * len(batch)
+                for item, result in zip(batch, results, strict=True):
+                    item[1], item[2] = result, True
+        result = entry[1]
+        if isinstance(result, BatchedWriteError):
+            raise result.error
+        return result
+
+
 class Checkpointer:
     """Runs a SQLite store's WAL checkpoints in a thread, outside every delivery's write turn.
 
@@ -219,6 +259,24 @@ class Receiver:
     _providers: dict[str, GitProvider | str] = field(default_factory=dict)
     # Taken around every webhook write; see WriteGate.
     write_lock: WriteGate = field(default_factory=lambda: WriteGate(None))
+    # Runs the webhook writes; see GroupCommit.
+    writes: GroupCommit = field(init=False)
+    # What a push to each branch deploys: the config does not change while serving, and
+    # working it out walks every fraise and environment.
+    _targets: dict[str, tuple] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.writes = GroupCommit(self.store, self.write_lock)
+
+    def targets(self, branch: str) -> tuple:
+        """The targets of a push to `branch` (Config.targets_for_branch), remembered."""
+        found = self._targets.get(branch)
+        if found is None:
+            found = tuple(self.config.targets_for_branch(branch))
+            # Branch names come from outside: remember a bounded number of them.
+            if len(self._targets) < TARGET_CACHE_SIZE:
+                self._targets[branch] = found
+        return found
 
     def provider(self, name: str) -> GitProvider:
         """The configured provider called `name`; WebhookError 400 unknown, 401 no secret."""
@@ -322,8 +380,7 @@ def _record_rejected(
         payload_sha256=hashlib.sha256(body).hexdigest() if body is not None else None,
     )
     try:
-        with receiver.write_lock:
-            receiver.store.record_webhook_event(**values)
+        receiver.writes.run(receiver.store.prepare_webhook_record(**values))
     except FraisierError as exc:
         log.error("cannot record a rejected delivery: %s", exc.message)
 
@@ -377,19 +434,19 @@ def _handle_event(
     reason = _ignore_reason(event)
     if reason is not None:
         outcome = "ping" if event.is_ping else "ignored"
-        with receiver.write_lock:
-            _, is_new = receiver.store.record_webhook_event(
-                outcome=outcome, reason=reason, **common
-            )
+        _, is_new = receiver.writes.run(
+            receiver.store.prepare_webhook_record(outcome=outcome, reason=reason, **common)
+        )
         summary.update(status=outcome if is_new else "duplicate", reason=reason, deployments=[])
         return summary
-    targets = receiver.config.targets_for_branch(event.branch)
-    with receiver.write_lock:
-        queued = receiver.store.enqueue_from_webhook(
+    targets = receiver.targets(event.branch)
+    queued = receiver.writes.run(
+        receiver.store.prepare_enqueue(
             targets=[(t.fraise, t.environment) for t in targets],
             commit_message=event.commit_message,
             **common,
         )
+    )
     if queued.duplicate:
         summary.update(status="duplicate", deployments=[])
     elif not targets:

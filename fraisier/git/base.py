@@ -8,6 +8,8 @@ git option.
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import hmac
 import json
@@ -102,6 +104,9 @@ def validate_sha(value: Any, where: str) -> str:
     return value.lower()
 
 
+# Pushes name the same few branches over and over; each delivery checks its ref several
+# times (the payload's ref, its branch, the event's fields).
+@functools.lru_cache(maxsize=1024)
 def ref_name_problem(name: str) -> str | None:
     """Say why `name` is not an acceptable git ref name, or None when it is."""
     if not name:
@@ -189,6 +194,15 @@ def load_json_object(body: bytes, provider: str) -> dict[str, Any]:
 _PATH_RE = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
 
+@functools.lru_cache(maxsize=512)
+def _path_steps(path: str) -> tuple[tuple[str | None, int], ...]:
+    """("a.b[0]") -> (("a", 0), ("b", 0), (None, 0)): keys, or None and a list index."""
+    return tuple(
+        (m.group(1), 0) if m.group(1) is not None else (None, int(m.group(2)))
+        for m in _PATH_RE.finditer(path)
+    )
+
+
 class Payload:
     """Typed access to a decoded payload: every failure names the field path and answers 400."""
 
@@ -202,8 +216,7 @@ class Payload:
         """Value at a dotted `path` ("a.b[0].c") checked against `kind`; None if absent/null."""
         node: Any = self.data
         walked = ""
-        for match in _PATH_RE.finditer(path):
-            key, index = match.group(1), match.group(2)
+        for key, position in _path_steps(path):
             if node is None:
                 break
             if key is not None:
@@ -214,7 +227,6 @@ class Payload:
             else:
                 if not isinstance(node, list):
                     raise self.error(f"field {walked} must be an array, got {_type_name(node)}")
-                position = int(index)
                 node = node[position] if position < len(node) else None
                 walked = f"{walked}[{position}]"
         if node is None:
@@ -501,10 +513,14 @@ class GitProvider(ABC):
                 raise TypeError(
                     f"{type(self).__name__}.parse_webhook_event must return a WebhookEvent"
                 )
-            if event.delivery_id is None:
-                event = replace(event, delivery_id=delivery)
-            if event.raw_payload is None:
-                event = replace(event, raw_payload=payload)
+            if event.delivery_id is None or event.raw_payload is None:
+                # delivery_id() validated the id and the payload needs no check: a copy
+                # with the two fields set spares replace()'s second run of every check.
+                event = copy.copy(event)
+                if event.delivery_id is None:
+                    object.__setattr__(event, "delivery_id", delivery)
+                if event.raw_payload is None:
+                    object.__setattr__(event, "raw_payload", payload)
             result.append(event)
         return result
 

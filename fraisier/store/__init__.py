@@ -6,6 +6,7 @@ with Store.open() as store:            # FRAISIER_DATABASE_URL, FRAISIER_DB_PATH
 """
 
 from fraisier.store.api import (
+    BatchedWriteError,
     Enqueued,
     Store,
     default_db_path,
@@ -31,6 +32,7 @@ __all__ = [
     "TRANSITIONS",
     "TRIGGERS",
     "WEBHOOK_OUTCOMES",
+    "BatchedWriteError",
     "Enqueued",
     "EventWriter",
     "Store",

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -179,6 +180,82 @@ class Enqueued(list):
         self.duplicate = duplicate
 
 
+class BatchedWriteError(Exception):
+    """What run_webhook_writes gives for a write of a batch that failed: its error."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+class _PeeweeCursor:
+    """The execute/executemany of a sqlite3 connection, over a peewee database."""
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: pw.Database):
+        self.db = db
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self.db.execute_sql(sql, params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Any:
+        return self.db.cursor().executemany(sql, rows)
+
+
+class _SharedWriteConnection:
+    """One SQLite connection per process for the webhook write path, shared by its threads.
+
+    SQLite empties a connection's page cache whenever another connection has written since
+    its last transaction. With a connection per thread, as peewee keeps them, every delivery
+    found its cache stale and read each index page it touched again; one connection shared
+    by the threads of a process stays warm from one of its writes to the next. The lock
+    makes the threads take turns, which the write transaction would make them do anyway.
+    """
+
+    def __init__(self, path: Path):
+        self._path = str(path)
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+        self.autocheckpoint_pages: int | None = None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != os.getpid():
+            # A connection inherited across fork() is left alone, never used or closed here:
+            # its locks belong to the parent.
+            conn = sqlite3.connect(
+                self._path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA synchronous=normal")
+            conn.execute("PRAGMA foreign_keys=1")
+            if self.autocheckpoint_pages is not None:
+                conn.execute(f"PRAGMA wal_autocheckpoint={int(self.autocheckpoint_pages)}")
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT on the shared connection, one thread at a time."""
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close the connection when this process opened it."""
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+
 def _hint(message: str) -> str:
     text = message.lower()
     if "locked" in text or "busy" in text:
@@ -326,9 +403,12 @@ class Store:
                 )
 
     def close(self) -> None:
-        """Close this thread's connection."""
+        """Close this thread's connection (and the shared webhook connection, if open)."""
         if self.db is not None and not self.db.is_closed():
             self.db.close()
+        shared = self.__dict__.get("_shared_write")
+        if shared is not None:
+            shared.close()
 
     def _close_thread_connection(self) -> None:
         with contextlib.suppress(Exception):
@@ -381,6 +461,8 @@ class Store:
         # fallback keeps the WAL bounded should the background checkpoints stop.
         with self._errors():
             self.db.pragma("wal_autocheckpoint", int(pages), permanent=True)
+        if self._shared_write is not None:
+            self._shared_write.autocheckpoint_pages = int(pages)
 
     def checkpoint(self) -> tuple[int, int]:
         """Copy committed WAL frames into the database without waiting for readers or
@@ -980,13 +1062,33 @@ class Store:
         }
 
     @functools.cached_property
+    def _shared_write(self) -> _SharedWriteConnection | None:
+        """The shared webhook connection of a writable SQLite file; None otherwise."""
+        if self.readonly or not self.is_sqlite or self.path is None:
+            return None
+        if str(self.path) in ("", ":memory:"):
+            return None
+        return _SharedWriteConnection(self.path)
+
+    @contextlib.contextmanager
+    def _webhook_write(self) -> Iterator[Any]:
+        """A write transaction for the webhook path; yields what runs its statements."""
+        shared = self._shared_write
+        if shared is None:
+            with self._write():
+                yield _PeeweeCursor(self.db)
+            return
+        with self._errors(), shared.transaction() as conn:
+            yield conn
+
+    @functools.cached_property
     def _returning(self) -> bool:
         """Whether INSERT/UPDATE ... RETURNING can be used (SQLite has it from 3.35)."""
         return not self.is_sqlite or sqlite3.sqlite_version_info >= (3, 35, 0)
 
-    def _insert_id(self, sql: str, params: Sequence[Any]) -> int | None:
+    def _insert_id(self, run: Any, sql: str, params: Sequence[Any]) -> int | None:
         """Run an INSERT of one row; its id, or None when ON CONFLICT DO NOTHING skipped it."""
-        cursor = self.db.execute_sql(sql, params)
+        cursor = run.execute(sql, params)
         if self._returning:
             # fetchall() steps the statement to its end, so nothing is pending at COMMIT.
             rows = cursor.fetchall()
@@ -1001,14 +1103,14 @@ class Store:
         row = {**values, "outcome": outcome, "reason": reason, "received_at": stamp}
         return tuple(row.get(column) for column in WEBHOOK_COLUMNS)
 
-    def _insert_webhook(self, row: tuple) -> tuple[int, bool]:
+    def _insert_webhook(self, run: Any, row: tuple) -> tuple[int, bool]:
         """Inside a write transaction: insert a prepared webhook row; (id, is_new)."""
         sql = self._webhook_sql
-        new_id = self._insert_id(sql["webhook"], row)
+        new_id = self._insert_id(run, sql["webhook"], row)
         if new_id is not None:
             return new_id, True
         provider, delivery_id = row[0], row[1]
-        found = self.db.execute_sql(sql["webhook_id"], (provider, delivery_id)).fetchone()
+        found = run.execute(sql["webhook_id"], (provider, delivery_id)).fetchone()
         if found is None:
             # Only a NULL delivery id could get here, and NULLs never collide.
             raise StoreError(
@@ -1017,7 +1119,13 @@ class Store:
             )
         return int(found[0]), False
 
-    def record_webhook_event(
+    def record_webhook_event(self, **fields: Any) -> tuple[int, bool]:
+        """Record a delivery; return (id, is_new). A known (provider, delivery_id) is not
+        recorded again: the UNIQUE index decides, so two racing receivers cannot both win.
+        Takes the keyword arguments of prepare_webhook_record."""
+        return self.run_webhook_writes([self.prepare_webhook_record(**fields)])[0]
+
+    def prepare_webhook_record(
         self,
         *,
         provider: str,
@@ -1031,9 +1139,8 @@ class Store:
         repository: str | None = None,
         pusher: str | None = None,
         payload_sha256: str | None = None,
-    ) -> tuple[int, bool]:
-        """Record a delivery; return (id, is_new). A known (provider, delivery_id) is not
-        recorded again: the UNIQUE index decides, so two racing receivers cannot both win."""
+    ) -> Callable[[Any], tuple[int, bool]]:
+        """The write of record_webhook_event, checked and ready to run in run_webhook_writes."""
         values = {
             "provider": provider,
             "delivery_id": delivery_id,
@@ -1046,10 +1153,40 @@ class Store:
             "payload_sha256": payload_sha256,
         }
         row = self._webhook_row(values, outcome, reason, self._ts(self._now()))
-        with self._write():
-            return self._insert_webhook(row)
+        return functools.partial(self._insert_webhook, row=row)
 
-    def enqueue_from_webhook(
+    def run_webhook_writes(self, writes: Sequence[Callable[[Any], Any]]) -> list[Any]:
+        """Run prepared webhook writes in one transaction and one commit; their results.
+
+        One write: its result, or its exception raised. Several: each in a savepoint, so
+        that one that fails is undone alone; its place in the list holds a
+        BatchedWriteError carrying the exception, and the others commit.
+        """
+        if len(writes) == 1:
+            with self._webhook_write() as run:
+                return [writes[0](run)]
+        results: list[Any] = []
+        with self._webhook_write() as run:
+            for write in writes:
+                run.execute("SAVEPOINT fraisier_write")
+                try:
+                    results.append(write(run))
+                except (StoreError, pw.DatabaseError, sqlite3.Error) as exc:
+                    run.execute("ROLLBACK TO fraisier_write")
+                    results.append(BatchedWriteError(exc))
+                run.execute("RELEASE fraisier_write")
+        return results
+
+    def enqueue_from_webhook(self, **fields: Any) -> Enqueued:
+        """In one transaction: record the delivery and queue one deployment per target.
+
+        A newer push supersedes the still-queued webhook deployments of the same pair. A
+        duplicate delivery queues nothing (result.duplicate is True). No target: the
+        delivery is recorded as ignored. Takes the keyword arguments of prepare_enqueue.
+        """
+        return self.run_webhook_writes([self.prepare_enqueue(**fields)])[0]
+
+    def prepare_enqueue(
         self,
         *,
         provider: str,
@@ -1065,13 +1202,8 @@ class Store:
         commit_message: str | None = None,
         dry_run: bool = False,
         options: Mapping[str, Any] | None = None,
-    ) -> Enqueued:
-        """In one transaction: record the delivery and queue one deployment per target.
-
-        A newer push supersedes the still-queued webhook deployments of the same pair. A
-        duplicate delivery queues nothing (result.duplicate is True). No target: the
-        delivery is recorded as ignored.
-        """
+    ) -> Callable[[Any], Enqueued]:
+        """The write of enqueue_from_webhook, checked and ready to run in run_webhook_writes."""
         stamp = self._ts(self._now())
         values = {
             "provider": provider,
@@ -1096,42 +1228,46 @@ class Store:
         pairs = [(str(fraise), str(environment)) for fraise, environment in targets]
         tail = (QUEUED, "webhook", commit, branch, dry_run, pusher, commit_message)
         suffix = f" (commit {commit[:12]})" if commit else ""
-        with self._write():
+
+        def write(run: Any) -> Enqueued:
             sql = self._webhook_sql
-            webhook_id, is_new = self._insert_webhook(webhook_row)
+            webhook_id, is_new = self._insert_webhook(run, webhook_row)
             if not is_new:
                 return Enqueued([], webhook_event_id=webhook_id, duplicate=True)
             ids: list[int] = []
             transitions: list[tuple] = []
             for fraise, environment in pairs:
                 deployment_id = self._insert_id(
+                    run,
                     sql["deployment"],
                     (fraise, environment, *tail, webhook_id, encoded, stamp),
                 )
                 transitions.append((deployment_id, None, QUEUED, None, stamp))
                 detail = f"superseded by deployment {deployment_id}{suffix}"
                 older = self._supersede(
-                    (stamp, detail, fraise, environment, dry_run, deployment_id)
+                    run, (stamp, detail, fraise, environment, dry_run, deployment_id)
                 )
                 transitions.extend((old, QUEUED, SUPERSEDED, detail, stamp) for old in older)
                 ids.append(deployment_id)
             if transitions:
-                self.db.cursor().executemany(sql["transition"], transitions)
-        return Enqueued(ids, webhook_event_id=webhook_id, duplicate=False)
+                run.executemany(sql["transition"], transitions)
+            return Enqueued(ids, webhook_event_id=webhook_id, duplicate=False)
 
-    def _supersede(self, params: tuple) -> list[int]:
+        return write
+
+    def _supersede(self, run: Any, params: tuple) -> list[int]:
         """Inside a write transaction: mark older queued webhook deployments of a pair
         superseded; return their ids."""
         sql = self._webhook_sql
         if self._returning:
-            cursor = self.db.execute_sql(sql["supersede_older"], params)
+            cursor = run.execute(sql["supersede_older"], params)
             return [row[0] for row in cursor.fetchall()]
         # Old SQLite: BEGIN IMMEDIATE already holds the write lock, so reading the ids
         # then updating them cannot race another writer.
         stamp, detail = params[0], params[1]
-        older = [row[0] for row in self.db.execute_sql(sql["older_ids"], params[2:])]
+        older = [row[0] for row in run.execute(sql["older_ids"], params[2:])]
         for old_id in older:
-            self.db.execute_sql(sql["supersede_id"], (stamp, detail, old_id))
+            run.execute(sql["supersede_id"], (stamp, detail, old_id))
         return older
 
     def claim_next(

@@ -9,8 +9,8 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from fraisier.errors import LockedError
-from fraisier.store import Store, local_process_alive, owner_id
+from fraisier.errors import LockedError, StoreError
+from fraisier.store import BatchedWriteError, Store, local_process_alive, owner_id
 
 
 class Clock:
@@ -428,3 +428,44 @@ def test_deferred_checkpoints_leave_the_wal_to_checkpoint(db_path):
     with Store.open(db_path, readonly=True) as reader:
         assert reader.checkpoint() == (0, 0)
         assert len(reader.webhook_events()) == 50
+
+
+def test_batched_webhook_writes_commit_together_and_fail_alone(store, db_path):
+    good = store.prepare_enqueue(**webhook_fields("d-1"), targets=[("api", "production")])
+    again = store.prepare_enqueue(**webhook_fields("d-1"), targets=[("api", "production")])
+
+    def broken(run):
+        # A write that fails half-way: its savepoint must undo the row it wrote.
+        run.execute(
+            "INSERT INTO tb_webhook_events (provider, delivery_id, outcome, received_at) "
+            "VALUES ('github', 'half-written', 'accepted', '2026-11-27 03:45:01.000000')"
+        )
+        run.execute("INSERT INTO no_such_table VALUES (1)")
+
+    record = store.prepare_webhook_record(**webhook_fields("d-2"), outcome="ignored", reason="r")
+    results = store.run_webhook_writes([good, broken, again, record])
+
+    assert not results[0].duplicate and len(results[0]) == 1
+    assert isinstance(results[1], BatchedWriteError)
+    assert "no_such_table" in str(results[1].error)
+    # The second delivery of d-1 in the same batch sees the first one: a duplicate.
+    assert results[2].duplicate and results[2].webhook_event_id == results[0].webhook_event_id
+    assert results[3][1] is True
+    with Store.open(db_path, readonly=True) as reader:
+        ids = sorted(row["delivery_id"] for row in reader.webhook_events())
+        assert ids == ["d-1", "d-2"]
+        assert [row["status"] for row in reader.history()] == ["queued"]
+
+
+def test_a_single_failing_webhook_write_raises_and_leaves_nothing(store, db_path):
+    def broken(run):
+        run.execute(
+            "INSERT INTO tb_webhook_events (provider, delivery_id, outcome, received_at) "
+            "VALUES ('github', 'half-written', 'accepted', '2026-11-27 03:45:01.000000')"
+        )
+        run.execute("INSERT INTO no_such_table VALUES (1)")
+
+    with pytest.raises(StoreError, match="no_such_table"):
+        store.run_webhook_writes([broken])
+    with Store.open(db_path, readonly=True) as reader:
+        assert reader.webhook_events() == []

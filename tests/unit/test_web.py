@@ -16,7 +16,14 @@ import pytest
 from fraisier.config import load_config
 from fraisier.git import sign_headers
 from fraisier.store import Store
-from fraisier.web import Checkpointer, WriteGate, create_app, secrets_report, write_gate
+from fraisier.web import (
+    Checkpointer,
+    GroupCommit,
+    WriteGate,
+    create_app,
+    secrets_report,
+    write_gate,
+)
 
 SECRET = "s3cret-for-tests"
 OLD_SECRET = "the-secret-being-rotated-out"
@@ -654,3 +661,59 @@ def test_checkpointer_copies_the_wal_and_stops(tmp_path):
         assert not checkpointer._thread.is_alive()
         frames, copied = results[0]
         assert frames > 0 and copied == frames
+
+
+def test_group_commit_runs_waiting_writes_in_one_transaction(store):
+    gate = WriteGate(None)
+    group = GroupCommit(store, gate)
+    batches = []
+    real = store.run_webhook_writes
+
+    def counting(writes):
+        batches.append(len(writes))
+        return real(writes)
+
+    store.run_webhook_writes = counting
+
+    def failing(run):
+        run.execute("INSERT INTO no_such_table VALUES (1)")
+
+    writes = [
+        store.prepare_enqueue(
+            provider="github",
+            delivery_id=f"d-{n}",
+            event_type="push",
+            targets=[("api", "production")],
+            commit=f"{n:040x}",
+            branch="main",
+        )
+        for n in range(5)
+    ]
+    writes.insert(2, failing)
+    results: dict[int, object] = {}
+
+    def deliver(n: int) -> None:
+        try:
+            results[n] = group.run(writes[n])
+        except Exception as exc:
+            results[n] = exc
+
+    # Hold the write turn until every delivery waits for it: the first to get it then
+    # commits all six.
+    with gate:
+        threads = [threading.Thread(target=deliver, args=(n,)) for n in range(6)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while len(group._pending) < 6 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    for thread in threads:
+        thread.join(10)
+
+    assert batches == [6]
+    assert "no_such_table" in str(results[2])
+    queued_ids = [results[n][0] for n in (0, 1, 3, 4, 5)]
+    assert len(set(queued_ids)) == 5
+    # Each newer push superseded the previous one of the pair: one queued, four superseded.
+    statuses = sorted(row["status"] for row in store.history(limit=None))
+    assert statuses == ["queued"] + ["superseded"] * 4
