@@ -266,7 +266,11 @@ def _expand_string(
 
 class _Model(BaseModel):
     model_config = ConfigDict(
-        frozen=True, extra="forbid", coerce_numbers_to_str=True, populate_by_name=True
+        frozen=True,
+        extra="forbid",
+        coerce_numbers_to_str=True,
+        populate_by_name=True,
+        defer_build=True,
     )
     # Fields filled from the surrounding mapping keys, never written by users.
     _internal: ClassVar[frozenset[str]] = frozenset()

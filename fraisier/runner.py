@@ -142,19 +142,21 @@ def _descendants(root_pids: Iterable[int]) -> set[int]:
     return found
 
 
-def processes_mentioning(text: str) -> set[int]:
-    """PIDs whose command line contains text (the run's private dir marks its processes)."""
+def processes_mentioning(*texts: str) -> set[int]:
+    """PIDs whose command line contains one of texts (the run's dirs mark its processes)."""
     found = set()
-    needle = text.encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+    needles = [text.encode() for text in texts]
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes()
+            with open(f"/proc/{name}/cmdline", "rb") as handle:
+                cmdline = handle.read()
         except OSError:
             continue
-        if needle in cmdline:
-            found.add(int(entry.name))
+        if any(needle in cmdline for needle in needles):
+            found.add(int(name))
     return found
 
 
@@ -274,21 +276,22 @@ class PlaybookRunner:
         _kill(pids, signal.SIGKILL)
 
     def _marked_processes(self) -> set[int]:
-        return processes_mentioning(str(self.private_data_dir)) | processes_mentioning(
-            str(self.control_dir)
-        )
+        return processes_mentioning(str(self.private_data_dir), str(self.control_dir))
 
     def _reap_leftovers(self) -> None:
         """Stop what outlives ansible-playbook: ssh control masters, stray workers."""
         pids = self._marked_processes()
-        if self.playbook_pid:
+        # Once ansible-playbook is gone its children have new parents and only their
+        # command lines still tie them to this run.
+        if self.playbook_pid and _alive(self.playbook_pid):
             pids |= _descendants([self.playbook_pid])
         if not pids:
             return
         _kill(pids, signal.SIGTERM)
+        # An ssh master exits within a few ms of SIGTERM; every deployment waits for this.
         deadline = time.monotonic() + 2
         while time.monotonic() < deadline and any(_alive(p) for p in pids):
-            time.sleep(0.05)
+            time.sleep(0.005)
         _kill([p for p in pids if _alive(p)], signal.SIGKILL)
 
     def leftover_processes(self) -> set[int]:
@@ -322,8 +325,19 @@ class PlaybookRunner:
 
     def run(self) -> RunOutcome:
         """Run the playbook to the end (or cancel/timeout) and say how it ended."""
+        import ptyprocess
         from ansible_runner import Runner
         from ansible_runner.config.runner import RunnerConfig
+
+        # ansible-runner closes the pty of ansible-playbook after it has exited, and
+        # PtyProcess.close() then sleeps delayafterclose (0.1 s, set per instance in
+        # __init__, out of our reach) for a status already final: a tenth of a second of
+        # every deployment. A class-level property wins over that instance attribute. A
+        # child still alive at close (a cancel) is terminated by close() all the same.
+        if not isinstance(vars(ptyprocess.PtyProcess).get("delayafterclose"), property):
+            ptyprocess.PtyProcess.delayafterclose = property(
+                lambda _self: 0.0, lambda _self, _value: None
+            )
 
         run = self.run_spec
         # Keep the artifacts of recent runs for debugging, not of every run ever made.
