@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 
 from ansible.module_utils.basic import AnsibleModule
@@ -38,6 +40,12 @@ options:
   archive:
     description: Path on the host of the C(.tar.gz) to unpack (removed after unpacking).
     type: path
+  archive_content:
+    description:
+      - The C(.tar.gz) itself, base64-encoded, for O(state=unpack); the action puts a small
+        archive here so that it travels inside the module call.
+      - Mutually exclusive with O(archive) and O(src).
+    type: str
   src:
     description:
       - Path on the controller of the C(.tar.gz) to unpack (O(state=unpack)); the action
@@ -52,6 +60,28 @@ options:
         C(.fraisier-built) in the release, so a release is built once.
       - Empty means no build.
     type: str
+  prepare:
+    description:
+      - Commands run in the release directory, in order, after the build (O(state=unpack)),
+        with the environment of the task, every time the release is not the live good one.
+      - Each is a dict with C(name) (named in a failure) and C(command) (a shell command).
+      - Nothing runs in check mode.
+    type: list
+    elements: dict
+    default: []
+  unit:
+    description:
+      - A systemd unit that goes with the release (O(state=unpack)), handled in the same call
+        after the build and prepare commands - C(name) (required), C(unit_dir) (default
+        C(/etc/systemd/system)), C(content) (the unit's text), C(lookup) (default true) and
+        C(host) (the inventory name, for messages).
+      - The look-up is skipped while the release is not unpacked (a dry run).
+      - With C(content), the unit file is that text; else, when the release ships
+        C(systemd/<name>), the unit file is a copy of it; either is written only when it
+        differs (mode 0644) and reported in C(unit.changed).
+      - With neither and C(lookup), the unit must already be known to systemd, or the call
+        fails naming the unit and the host.
+    type: dict
   shared_paths:
     description: Paths relative to the release that link to C(app_path/shared/<path>).
     type: list
@@ -78,6 +108,19 @@ options:
   failed:
     description: Release that failed its checks; it leaves C(history) and C(pending).
     type: str
+  batch:
+    description:
+      - Hosts that switch together (O(state=switch)); when any of them is no longer in the
+        play batch (it failed earlier), no host switches and the task fails naming them. The
+        action checks it before calling the host.
+    type: list
+    elements: str
+  report:
+    description:
+      - Publish the live release as the custom stat C(fraisier_live) (C({host: release})),
+        as M(ansible.builtin.set_stats) would; the action does it, nothing in check mode.
+    type: bool
+    default: false
   rollback:
     description: O(target) is a rollback, so C(history) entries after it are dropped.
     type: bool
@@ -101,6 +144,7 @@ author: Fraisier
 RELEASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 MARKER = ".fraisier-release"
 BUILT = ".fraisier-built"
+UNIT_MODE = 0o644
 # Output kept in the result of a build: enough to read a failure, not a whole log.
 OUTPUT_TAIL = 4000
 
@@ -249,11 +293,17 @@ def do_unpack(module, layout, p):
         return False, {}
     if module.check_mode:
         return True, {"msg": f"release {release_id} would be unpacked"}
-    archive = p["archive"]
-    if not archive or not os.path.isfile(archive):
-        module.fail_json(msg=f"release archive {archive} is missing on the host")
     for path in (layout.releases, layout.shared, layout.state):
         os.makedirs(path, exist_ok=True)
+    archive = p["archive"]
+    if p["archive_content"]:
+        # Written beside the releases: the same file system, and no temporary dir to make.
+        handle, archive = tempfile.mkstemp(prefix=f".{release_id}.", suffix=".tar.gz",
+                                           dir=layout.releases)  # fmt: skip
+        with os.fdopen(handle, "wb") as out:
+            out.write(base64.b64decode(p["archive_content"]))
+    if not archive or not os.path.isfile(archive):
+        module.fail_json(msg=f"release archive {archive} is missing on the host")
     staging = os.path.join(layout.releases, f".{release_id}.partial")
     final = layout.release(release_id)
     for leftover in (staging, final):
@@ -268,6 +318,8 @@ def do_unpack(module, layout, p):
     )
     if proc.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
+        if p["archive_content"]:
+            remove_file(archive)
         module.fail_json(msg=f"unpacking {archive} failed: {proc.stderr.strip()}")
     link_shared(module, layout, staging, p["shared_paths"], p["owner"], p["group"])
     chown(module, staging, p["owner"], p["group"])
@@ -304,6 +356,107 @@ def do_build(module, layout, release_id, command):
     with open(os.path.join(release_dir, BUILT), "w"):
         pass
     return True, {"build": out}
+
+
+def live_good(layout, release_id):
+    """Whether the release is live and has passed its checks."""
+    pending = (read_lines(layout.pending) or [None])[0]
+    return (
+        current_target(layout) == release_id
+        and pending != release_id
+        and release_id in read_lines(layout.history)
+    )
+
+
+def do_prepare(module, layout, release_id, commands):
+    if not layout.complete(release_id) or live_good(layout, release_id):
+        return False, {}
+    if module.check_mode:
+        return True, {"msg": f"release {release_id} would be prepared"}
+    done = []
+    for step in commands:
+        name, command = str(step.get("name") or "command"), str(step.get("command") or "")
+        if not command:
+            module.fail_json(msg=f"prepare step {name} of release {release_id} has no command")
+        proc = subprocess.run(
+            ["/bin/sh", "-c", command],
+            cwd=layout.release(release_id),
+            capture_output=True,
+            text=True,
+            errors="replace",
+            check=False,
+        )
+        out = {"name": name, "rc": proc.returncode, "stdout": proc.stdout[-OUTPUT_TAIL:],
+               "stderr": proc.stderr[-OUTPUT_TAIL:]}  # fmt: skip
+        done.append(out)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+            module.fail_json(
+                msg=f"{name} of release {release_id} failed with exit code {proc.returncode}:"
+                f" {last}",
+                prepared=done,
+            )
+    return bool(done), {"prepared": done}
+
+
+def write_if_differs(path, data, check_mode):
+    """Write data to path (mode 0644) unless it is already there; whether it changed."""
+    try:
+        with open(path, "rb") as handle:
+            same = handle.read() == data
+        same = same and (os.stat(path).st_mode & 0o7777) == UNIT_MODE
+    except FileNotFoundError:
+        same = False
+    if same or check_mode:
+        return not same
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Written aside then renamed: systemd never reads half a unit.
+    handle, tmp = tempfile.mkstemp(prefix=".fraisier-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.chmod(tmp, UNIT_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        remove_file(tmp)
+        raise
+    return True
+
+
+def do_unit(module, layout, release_id, unit):
+    name = str(unit.get("name") or "")
+    if not name or "/" in name:
+        module.fail_json(msg=f"unit name {name!r} must be a plain systemd unit name")
+    path = os.path.join(str(unit.get("unit_dir") or "/etc/systemd/system"), name)
+    shipped = os.path.join(layout.release(release_id), "systemd", name)
+    data = None
+    if unit.get("content") is not None:
+        data = str(unit["content"]).encode()
+    elif os.path.isfile(shipped):
+        with open(shipped, "rb") as handle:
+            data = handle.read()
+    if data is not None:
+        changed = write_if_differs(path, data, module.check_mode)
+        return changed, {"unit": {"name": name, "path": path, "managed": True, "changed": changed}}
+    out = {"name": name, "path": path, "managed": False, "changed": False}
+    # A dry run of a first deploy did not unpack the release: it cannot tell what ships.
+    lookup = unit.get("lookup", True) not in (False, "false", "False", "no")
+    if lookup and layout.complete(release_id):
+        proc = subprocess.run(
+            ["systemctl", "show", "--property=LoadState", "--value", name],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        out["load_state"] = proc.stdout.strip()
+        if proc.returncode != 0 or out["load_state"] in ("", "not-found"):
+            module.fail_json(
+                msg=f"systemd unit {name} not found on host {unit.get('host') or 'this host'}:"
+                f" ship it in the release as systemd/{name}, give a service definition,"
+                " or install it on the host first",
+                unit=out,
+            )
+    return False, {"unit": out}
 
 
 def atomic_link(layout, release_id):
@@ -429,7 +582,10 @@ def main():
             "app_path": {"type": "path", "required": True},
             "release_id": {"type": "str"},
             "archive": {"type": "path"},
+            "archive_content": {"type": "str", "no_log": True},
             "build": {"type": "str"},
+            "prepare": {"type": "list", "elements": "dict", "default": []},
+            "unit": {"type": "dict"},
             "shared_paths": {"type": "list", "elements": "str", "default": []},
             "owner": {"type": "str"},
             "group": {"type": "str"},
@@ -441,6 +597,7 @@ def main():
             "keep": {"type": "int", "default": 5},
             "probe": {"type": "list", "elements": "str", "default": []},
         },
+        mutually_exclusive=[("archive", "archive_content")],
         supports_check_mode=True,
     )
     p = module.params
@@ -479,6 +636,14 @@ def main():
         # Outside the lock: a long build must not hold up another run's switch.
         built, more = do_build(module, layout, p["release_id"], p["build"])
         changed = changed or built
+        extra.update(more)
+    if p["state"] == "unpack" and p["prepare"]:
+        prepared, more = do_prepare(module, layout, p["release_id"], p["prepare"])
+        changed = changed or prepared
+        extra.update(more)
+    if p["state"] == "unpack" and p["unit"]:
+        installed, more = do_unit(module, layout, p["release_id"], p["unit"])
+        changed = changed or installed
         extra.update(more)
     result = snapshot(layout, p["release_id"] or p["target"], p["probe"])
     result.update(extra)
