@@ -288,3 +288,40 @@ def test_deploy_of_an_unknown_environment_is_one_line(env):
     assert result.exit_code == 1
     assert "'qa'" in result.output and len(result.output.strip().splitlines()) == 1
     assert not env["db"].exists()
+
+
+def test_console_entry_point_keeps_output_exit_codes_and_atexit(env, tmp_path):
+    marker = tmp_path / "atexit-ran"
+    # main() ends with os._exit: everything printed must still arrive, the exit code must
+    # be the command's, and atexit handlers must still run.
+    code = (
+        "import atexit, pathlib, sys\n"
+        f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes')\n"
+        "from fraisier.cli import main\n"
+        "sys.argv = ['fraisier'] + sys.argv[1:]\n"
+        "main()\n"
+    )
+    ok = subprocess.run(
+        [sys.executable, "-c", code, "history", "--limit", "500", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout) == []
+    assert marker.read_text() == "yes"
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("fraises:\n  svc:\n    type: nope\n")
+    failed = subprocess.run(
+        [sys.executable, "-c", code, "config", "validate", "--file", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert failed.returncode != 0
+    assert "fraises.svc.type" in failed.stderr + failed.stdout
+    usage = subprocess.run(
+        [sys.executable, "-c", code, "no-such-command"], capture_output=True, text=True
+    )
+    assert usage.returncode == 2 and "No such command" in usage.stderr
