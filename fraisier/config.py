@@ -9,7 +9,6 @@ This is the only module that reads environment variables for the configuration.
 from __future__ import annotations
 
 import copy
-import difflib
 import os
 import re
 import types
@@ -1108,6 +1107,9 @@ def _validate(
 
 
 def _unknown_key_message(loc: tuple) -> str:
+    # Imported here: only a config with a mistake needs it, every command loads the config.
+    import difflib
+
     candidates = _known_keys(loc[:-1])
     match = difflib.get_close_matches(str(loc[-1]), candidates, n=1, cutoff=0.6)
     return f"unknown key (did you mean {match[0]!r}?)" if match else "unknown key"
