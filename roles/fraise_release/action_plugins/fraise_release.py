@@ -31,7 +31,7 @@ class ActionModule(ActionBase):
         batch = args.pop("batch", None) or []
         try:
             if batch and args.get("state") == "switch":
-                dropped = [h for h in batch if h not in (task_vars.get("ansible_play_batch") or [])]
+                dropped = _dropped_hosts(batch, task_vars)
                 if dropped:
                     # Checked here rather than in a task of its own: every host of the batch
                     # sees the same hosts missing, so none switches.
@@ -63,18 +63,21 @@ class ActionModule(ActionBase):
                     self._transfer_file(source, remote)
                     self._fixup_perms2((self._connection._shell.tmpdir, remote))
                     args["archive"] = remote
+            if args.get("state") == "unpack":
+                # The hosts unpacking alongside: a later task can tell whether any of them
+                # dropped out before the switch. Set before the call, so that a host whose
+                # unpack fails records it too.
+                result["batch"] = list(task_vars.get("ansible_play_batch") or [])
             result.update(
                 self._execute_module(
                     module_name="fraise_release", module_args=args, task_vars=task_vars
                 )
             )
-            if args.get("state") == "unpack":
-                # The hosts unpacking alongside: a later task can tell whether any of them
-                # dropped out before the switch.
-                result["batch"] = list(task_vars.get("ansible_play_batch") or [])
             if report and not result.get("failed") and not self._task.check_mode:
                 # What set_stats would publish, without a task of its own.
-                live = args.get("release_id") or result.get("current")
+                # What the host says is live, not the release asked for: confirm may have
+                # found another one current.
+                live = result.get("current")
                 result["ansible_stats"] = {
                     "data": {"fraisier_live": {task_vars.get("inventory_hostname"): live}},
                     "per_host": False,
@@ -83,3 +86,31 @@ class ActionModule(ActionBase):
         finally:
             self._remove_tmp_path(self._connection._shell.tmpdir)
         return result
+
+
+def _dropped_hosts(batch, task_vars):
+    """Hosts of this host's batch that are no longer in the play, in play order.
+
+    Ansible works out a host's variables when it queues that host's task. With more hosts
+    than forks, a host queued after another failed its unpack recorded a batch without it;
+    the failed host's own record still names the hosts queued with it. So the batch is
+    every recorded batch that shares a host with this one.
+    """
+    alive = set(task_vars.get("ansible_play_batch") or [])
+    everyone = list(task_vars.get("ansible_play_hosts_all") or [])
+    hostvars = task_vars.get("hostvars") or {}
+    records = []
+    for host in everyone:
+        state = hostvars[host].get("fraise_release_state") if host in hostvars else None
+        if isinstance(state, dict) and state.get("batch"):
+            records.append(set(state["batch"]))
+    members = set(batch)
+    grown = True
+    while grown:
+        grown = False
+        for recorded in records:
+            if recorded & members and not recorded <= members:
+                members |= recorded
+                grown = True
+    ordered = everyone + sorted(members - set(everyone))
+    return [h for h in ordered if h in members and h not in alive]
