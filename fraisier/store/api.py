@@ -1173,6 +1173,9 @@ class Store:
                     results.append(write(run))
                 except (StoreError, pw.DatabaseError, sqlite3.Error) as exc:
                     run.execute("ROLLBACK TO fraisier_write")
+                    # The same StoreError a write run alone gets from _errors().
+                    if not isinstance(exc, StoreError):
+                        exc = StoreError(f"{self.label}: {exc}; {_hint(str(exc))}")
                     results.append(BatchedWriteError(exc))
                 run.execute("RELEASE fraisier_write")
         return results

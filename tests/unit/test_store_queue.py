@@ -447,6 +447,7 @@ def test_batched_webhook_writes_commit_together_and_fail_alone(store, db_path):
 
     assert not results[0].duplicate and len(results[0]) == 1
     assert isinstance(results[1], BatchedWriteError)
+    assert isinstance(results[1].error, StoreError)
     assert "no_such_table" in str(results[1].error)
     # The second delivery of d-1 in the same batch sees the first one: a duplicate.
     assert results[2].duplicate and results[2].webhook_event_id == results[0].webhook_event_id
