@@ -691,7 +691,7 @@ def exit_promptly(code: int | str | None) -> None:
     """End the process with `code` as sys.exit would, without tearing Python down module by
     module.
 
-    That teardown took about 0.1 s after a deployment, whose imports (pydantic, peewee,
+    That teardown took about 0.1 s after a deployment, whose imports (peewee, click,
     ansible-runner) are many: a measurable part of Fraisier's time beyond ansible-playbook's.
     Nothing needs it here: every write is committed when a command returns, atexit handlers
     still run and output is flushed below. A non-daemon thread still running (none of

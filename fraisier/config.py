@@ -2,13 +2,12 @@
 
 The file is read with a YAML loader that remembers the line of every key, `${VAR}`
 references are expanded from the environment given, and the result is validated into
-frozen pydantic models. Every problem is reported with its dotted key path and line.
+frozen models (fraisier.model). Every problem is reported with its dotted key path and line.
 This is the only module that reads environment variables for the configuration.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 import types
@@ -19,18 +18,17 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
+
+from fraisier.cron import CronError, CronSchedule, parse_cron
+from fraisier.errors import ConfigError, NotFoundError
+from fraisier.model import (
     Field,
+    Model,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-
-from fraisier.cron import CronError, CronSchedule, parse_cron
-from fraisier.errors import ConfigError, NotFoundError
 
 __all__ = [
     "BUILTIN_PROVIDERS",
@@ -200,10 +198,8 @@ def _build(loader: _Loader, node: yaml.Node, path: KeyPath, doc: _Document, acti
 # --------------------------------------------------------------------------- ${VAR}
 
 
-class UnsetVariable(BaseModel):
+class UnsetVariable(Model):
     """A `${VAR}` whose variable was not set when the file was loaded."""
-
-    model_config = ConfigDict(frozen=True)
 
     path: tuple[str | int, ...]
     variable: str
@@ -263,14 +259,7 @@ def _expand_string(
 # --------------------------------------------------------------------------- models
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(
-        frozen=True,
-        extra="forbid",
-        coerce_numbers_to_str=True,
-        populate_by_name=True,
-        defer_build=True,
-    )
+class _Model(Model):
     # Fields filled from the surrounding mapping keys, never written by users.
     _internal: ClassVar[frozenset[str]] = frozenset()
 
@@ -1077,8 +1066,10 @@ def _validate(
     unset_at: dict[KeyPath, str],
     reported: set[KeyPath],
 ) -> _FileModel | None:
-    """Validate, turning unknown keys into warnings and dropping them for another pass."""
-    data = copy.deepcopy(data)
+    """Validate, turning unknown keys into warnings and dropping them for another pass.
+
+    Unknown keys are deleted from `data` itself: _expand_tree built it afresh for this load.
+    """
     for _ in range(10):
         try:
             return _FileModel.model_validate(data, context=context)
@@ -1116,12 +1107,12 @@ def _unknown_key_message(loc: tuple) -> str:
 
 
 def _known_keys(loc: tuple) -> list[str]:
-    """The keys the model at pydantic location `loc` accepts, for did-you-mean."""
+    """The keys the model at validation location `loc` accepts, for did-you-mean."""
     tp: Any = _FileModel
     for element in loc:
         tp = _unwrap(tp)
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            fields = {f.alias or name: f for name, f in tp.model_fields.items()}
+        if isinstance(tp, type) and issubclass(tp, Model):
+            fields = {f.key: f for f in tp.schema_fields().values()}
             if element not in fields:
                 return []
             tp = fields[element].annotation
@@ -1134,9 +1125,9 @@ def _known_keys(loc: tuple) -> list[str]:
         else:
             return []
     tp = _unwrap(tp)
-    if not (isinstance(tp, type) and issubclass(tp, BaseModel)):
+    if not (isinstance(tp, type) and issubclass(tp, Model)):
         return []
-    keys = [f.alias or name for name, f in tp.model_fields.items() if name not in tp._internal]
+    keys = [f.key for name, f in tp.schema_fields().items() if name not in tp._internal]
     if tp is GitSettings:
         keys = [k for k in keys if k != "providers"] + list(BUILTIN_PROVIDERS)
     return keys
@@ -1154,7 +1145,7 @@ _SYNONYMS = {"repository": "clone_url", "webhook_secret": "secret_token"}
 
 
 def _clean_loc(data: Any, loc: tuple, *, keep_last: bool = False) -> KeyPath:
-    """Map pydantic's location onto the keys of the file, dropping its own markers."""
+    """Map a validation location onto the keys of the file, dropping its own markers."""
     out: list[str | int] = []
     node = data
     for index, element in enumerate(loc):

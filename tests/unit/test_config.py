@@ -9,7 +9,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
 import fraisier.config as config_module
 from fraisier.config import (
@@ -860,10 +859,15 @@ def test_not_found_errors_list_what_is_known(tmp_path):
 
 def test_models_are_frozen(tmp_path):
     config = load(tmp_path, SEED, SECRET_ENV)
-    with pytest.raises(ValidationError):
-        config.environment("my_service", "production").branch = "other"
-    with pytest.raises(ValidationError):
+    env = config.environment("my_service", "production")
+    with pytest.raises(AttributeError, match="frozen"):
+        env.branch = "other"
+    with pytest.raises(AttributeError, match="frozen"):
         config.path = Path("/elsewhere")
+    with pytest.raises(AttributeError, match="frozen"):
+        del env.branch
+    assert env.branch == "main"
+    assert config.environment("my_service", "production") is env
 
 
 # --------------------------------------------------------------------------- secrets
