@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import hashlib
 import json
 import logging
@@ -138,12 +139,26 @@ class WriteGate:
             self._pid = os.getpid()
         return self._fd
 
+    @property
+    def threads(self) -> threading.Lock:
+        """The turn among this process's threads, the first half of the gate."""
+        return self._threads
+
+    def lock_processes(self) -> None:
+        """Take the turn among processes; the caller holds `threads`."""
+        fd = self._file()
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def unlock_processes(self) -> None:
+        """Give the turn among processes back."""
+        if self._fd is not None and self._path is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
     def __enter__(self) -> WriteGate:
         self._threads.acquire()
         try:
-            fd = self._file()
-            if fd is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+            self.lock_processes()
         except BaseException:
             self._threads.release()
             raise
@@ -151,8 +166,7 @@ class WriteGate:
 
     def __exit__(self, *exc_info: object) -> None:
         try:
-            if self._fd is not None and self._path is not None:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self.unlock_processes()
         finally:
             self._threads.release()
 
@@ -164,7 +178,8 @@ class GroupCommit:
     that gets it takes every pending write, its own and those of the threads queued behind
     it, and runs them all in one transaction: one BEGIN, one COMMIT, one pass over the
     index pages they share. A thread whose write was committed by another returns as soon
-    as it gets its turn. Every write is committed before its delivery is answered.
+    as it gets its process's turn, without queueing for the other processes' turns. Every
+    write is committed before its delivery is answered.
     """
 
     def __init__(self, store, gate: WriteGate):
@@ -179,16 +194,21 @@ class GroupCommit:
         entry: list[Any] = [write, None, False]
         with self._mutex:
             self._pending.append(entry)
-        with self.gate:
+        gate = self.gate
+        with gate.threads:
             if not entry[2]:
-                with self._mutex:
-                    batch, self._pending = self._pending, []
+                gate.lock_processes()
                 try:
-                    results = self.store.run_webhook_writes([e[0] for e in batch])
-                except BaseException as exc:
-                    results = [BatchedWriteError(exc)] * len(batch)
-                for item, result in zip(batch, results, strict=True):
-                    item[1], item[2] = result, True
+                    with self._mutex:
+                        batch, self._pending = self._pending, []
+                    try:
+                        results = self.store.run_webhook_writes([e[0] for e in batch])
+                    except BaseException as exc:
+                        results = [BatchedWriteError(exc)] * len(batch)
+                    for item, result in zip(batch, results, strict=True):
+                        item[1], item[2] = result, True
+                finally:
+                    gate.unlock_processes()
         result = entry[1]
         if isinstance(result, BatchedWriteError):
             raise result.error
@@ -314,13 +334,14 @@ def _receiver() -> Receiver:
 
 
 # What jsonify does for the plain dicts and lists answered here, without its per-call set-up.
-_ENCODER = json.JSONEncoder(separators=(",", ":"))
+# Answers are trees built here, never cyclic: the encoder need not look for cycles.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 
 
 def json_response(body: Any, status: int = 200):
     """A JSON response of plain data (str, int, bool, None, lists and dicts of them)."""
     return current_app.response_class(
-        _ENCODER.encode(body) + "\n", status=status, mimetype="application/json"
+        _ENCODER.encode(body) + "\n", status=status, content_type="application/json"
     )
 
 
@@ -351,9 +372,12 @@ def _unexpected_error(exc: Exception):
 # --------------------------------------------------------------------------- /webhook
 
 
-def _read_body(limit: int) -> bytes | None:
-    """The raw body, or None when it is longer than `limit` (never reads more than limit+1)."""
-    stream = request.stream
+def _read_body(stream, limit: int, length: int | None) -> bytes | None:
+    """The raw body, or None when it is longer than `limit` (never reads more than limit+1).
+
+    `length` is the declared Content-Length, if any: the stream ends there, so once that
+    much is read there is no need to ask it for more.
+    """
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -364,6 +388,8 @@ def _read_body(limit: int) -> bytes | None:
         size += len(chunk)
         if size > limit:
             return None
+        if size == length:
+            return b"".join(chunks)
 
 
 def _record_rejected(
@@ -478,12 +504,16 @@ def webhook():
     """Verify, record and queue one delivery; answer before anything is deployed."""
     receiver = _receiver()
     limit = receiver.max_body_bytes
-    headers = Headers(request.headers)
-    forced = request.args.get("provider") or receiver.forced_provider
-    name = forced or detect_provider(headers)
+    # The request behind the proxy, looked up once rather than on every attribute.
+    req = request._get_current_object()
+    environ = req.environ
+    headers = Headers.from_environ(environ)
+    # Parsing the query string is skipped when there is none, as there usually is.
+    asked = req.args.get("provider") if environ.get("QUERY_STRING") else None
+    name = asked or receiver.forced_provider or detect_provider(headers)
 
-    length = request.content_length
-    body = None if length is not None and length > limit else _read_body(limit)
+    length = req.content_length
+    body = None if length is not None and length > limit else _read_body(req.stream, limit, length)
     if body is None:
         too_big = WebhookError(
             f"webhook body is larger than git.max_body_bytes ({limit} bytes); raise it in "
@@ -777,6 +807,9 @@ def _run(
         )
         # The Checkpointer of the main process copies the WAL into the database.
         app.extensions["fraisier"].store.defer_checkpoints()
+        # What is loaded now (modules, config, app) lives as long as the process: out of
+        # the collector's sight, its full collections no longer walk all of it.
+        gc.freeze()
         return app
 
     # Fork the HTTP server before any thread exists in this process: forking a process

@@ -53,6 +53,23 @@ class Headers(Mapping[str, str]):
             items[key.lower()] = (key, value.strip())
         self._items = items
 
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, Any]) -> Headers:
+        """The request headers of a WSGI environ, named as werkzeug names them."""
+        items: dict[str, tuple[str, str]] = {}
+        for raw_key, raw_value in environ.items():
+            names = _ENVIRON_NAMES.get(raw_key)
+            if names is None:
+                names = _environ_names(raw_key)
+            if not names or (raw_key in _ENVIRON_BODY_KEYS and not raw_value):
+                continue
+            key, lower = names
+            value = raw_value if isinstance(raw_value, str) else _header_text(raw_value, key)
+            items[lower] = (key, value.strip())
+        view = cls.__new__(cls)
+        view._items = items
+        return view
+
     def __getitem__(self, key: str) -> str:
         if not isinstance(key, str):
             raise KeyError(key)
@@ -67,6 +84,11 @@ class Headers(Mapping[str, str]):
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and key.lower() in self._items
 
+    def get(self, key: str, default: Any = None) -> Any:
+        """The header's value (possibly empty), or `default` when it is absent."""
+        found = self._items.get(key.lower()) if isinstance(key, str) else None
+        return default if found is None else found[1]
+
     def value(self, name: str) -> str | None:
         """Return the header's value, or None when it is absent or empty."""
         found = self._items.get(name.lower())
@@ -74,6 +96,30 @@ class Headers(Mapping[str, str]):
 
     def __repr__(self) -> str:
         return f"Headers({dict(self.items())!r})"
+
+
+# The body's headers have keys of their own in a WSGI environ (PEP 3333); werkzeug ignores
+# HTTP_ copies of them, and so does Headers.from_environ.
+_ENVIRON_BODY_KEYS = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})
+_ENVIRON_HTTP_BODY_KEYS = frozenset({"HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"})
+# Environ key -> (header name, its lower case), or () for keys that are not headers: the
+# same few keys come with every request. Header names come from outside: bounded.
+_ENVIRON_NAMES: dict[str, tuple[str, str] | tuple[()]] = {}
+_ENVIRON_NAMES_MAX = 512
+
+
+def _environ_names(raw_key: str) -> tuple[str, str] | tuple[()]:
+    """The header an environ key holds, named as werkzeug names it; () when none."""
+    names: tuple[str, str] | tuple[()] = ()
+    if raw_key.startswith("HTTP_") and raw_key not in _ENVIRON_HTTP_BODY_KEYS:
+        key = raw_key[5:].replace("_", "-").title()
+        names = (key, key.lower())
+    elif raw_key in _ENVIRON_BODY_KEYS:
+        key = raw_key.replace("_", "-").title()
+        names = (key, key.lower())
+    if len(_ENVIRON_NAMES) < _ENVIRON_NAMES_MAX:
+        _ENVIRON_NAMES[raw_key] = names
+    return names
 
 
 def _header_text(value: Any, what: str) -> str:
@@ -171,12 +217,23 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# One decoder for every body: json.loads builds a new one per call when given options.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _decode_json(body: bytes | bytearray | str) -> Any:
+    if isinstance(body, bytes | bytearray):
+        # What json.loads does with bytes: UTF-8, -16 or -32, told apart by the first bytes.
+        return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
+    return json.loads(body, parse_constant=_reject_constant)
+
+
 def load_json_object(body: bytes, provider: str) -> dict[str, Any]:
     """Decode a webhook body that must be a JSON object; raise WebhookError(400) otherwise."""
     if not body:
         raise WebhookError(f"{provider} webhook body is empty; a JSON object is expected", 400)
     try:
-        data = json.loads(body, parse_constant=_reject_constant)
+        data = _decode_json(body)
     except RecursionError:
         raise WebhookError(
             f"{provider} webhook body is nested too deeply to be a push payload", 400
@@ -215,20 +272,40 @@ class Payload:
     def get(self, path: str, kind: type | tuple[type, ...], *, required: bool = False) -> Any:
         """Value at a dotted `path` ("a.b[0].c") checked against `kind`; None if absent/null."""
         node: Any = self.data
-        walked = ""
-        for key, position in _path_steps(path):
+        # The usual path, keys through plain dicts, walked without a check that cannot fail;
+        # anything else is walked again by _walk, which names what is wrong.
+        for key, _ in _path_steps(path):
+            if key is None or type(node) is not dict:
+                return self._walk(path, kind, required)
+            node = node.get(key)
+            if node is None:
+                break
+        # The usual value, of exactly the type asked for, needs no more checks either.
+        return node if type(node) is kind else self._checked(node, path, kind, required)
+
+    def _walk(self, path: str, kind: type | tuple[type, ...], required: bool) -> Any:
+        """get() through lists and whatever else the payload holds."""
+        steps = _path_steps(path)
+        node: Any = self.data
+        for done, (key, position) in enumerate(steps):
             if node is None:
                 break
             if key is not None:
                 if not isinstance(node, dict):
-                    raise self.error(f"field {walked} must be an object, got {_type_name(node)}")
+                    raise self.error(
+                        f"field {_walked(steps[:done])} must be an object, got {_type_name(node)}"
+                    )
                 node = node.get(key)
-                walked = f"{walked}.{key}" if walked else key
             else:
                 if not isinstance(node, list):
-                    raise self.error(f"field {walked} must be an array, got {_type_name(node)}")
+                    raise self.error(
+                        f"field {_walked(steps[:done])} must be an array, got {_type_name(node)}"
+                    )
                 node = node[position] if position < len(node) else None
-                walked = f"{walked}[{position}]"
+        return node if type(node) is kind else self._checked(node, path, kind, required)
+
+    def _checked(self, node: Any, path: str, kind: type | tuple[type, ...], required: bool) -> Any:
+        """The value found at `path`, checked against `kind`."""
         if node is None:
             if required:
                 raise self.error(f"is missing the field {path}")
@@ -261,6 +338,17 @@ class Payload:
     def error(self, problem: str) -> WebhookError:
         """A 400 error about this payload."""
         return WebhookError(f"{self.provider} payload {problem}", 400)
+
+
+def _walked(steps: Iterable[tuple[str | None, int]]) -> str:
+    """The path of `steps` as Payload.get names it in errors: "a.b[0]"."""
+    walked = ""
+    for key, position in steps:
+        if key is not None:
+            walked = f"{walked}.{key}" if walked else key
+        else:
+            walked = f"{walked}[{position}]"
+    return walked
 
 
 def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
@@ -309,47 +397,56 @@ class WebhookEvent:
     reason: str | None = None
 
     def __post_init__(self) -> None:
-        def put(name: str, value: Any) -> None:
-            object.__setattr__(self, name, value)
-
-        if not isinstance(self.event_type, str) or not self.event_type:
+        # Every delivery builds one: fields are read once into locals and set with the
+        # C-level setter (the dataclass is frozen).
+        put = object.__setattr__
+        event_type = self.event_type
+        if not isinstance(event_type, str) or not event_type:
             raise WebhookError("WebhookEvent.event_type must be a non-empty string", 400)
-        put("commit", _merge_alias(self.commit, self.commit_sha, "commit", "commit_sha"))
-        put("pusher", _merge_alias(self.pusher, self.sender, "pusher", "sender"))
-        put("sender", self.pusher)
+        commit = _merge_alias(self.commit, self.commit_sha, "commit", "commit_sha")
+        pusher = _merge_alias(self.pusher, self.sender, "pusher", "sender")
+        put(self, "pusher", pusher)
+        put(self, "sender", pusher)
 
-        for name in ("commit", "before"):
-            value = getattr(self, name)
-            if value is not None:
-                put(name, validate_sha(value, f"WebhookEvent.{name}"))
-        put("commit_sha", self.commit)
-        for name in ("ref", "branch", "tag"):
-            value = getattr(self, name)
-            if value is not None:
-                validate_ref_name(value, f"WebhookEvent.{name}")
-        if self.ref is not None and self.branch is None and self.tag is None:
-            if self.ref.startswith("refs/heads/"):
-                put("branch", self.ref[len("refs/heads/") :])
-            elif self.ref.startswith("refs/tags/"):
-                put("tag", self.ref[len("refs/tags/") :])
-        if self.ref is None:
-            if self.tag is not None:
-                put("ref", f"refs/tags/{self.tag}")
-            elif self.branch is not None:
-                put("ref", f"refs/heads/{self.branch}")
+        if commit is not None:
+            commit = validate_sha(commit, "WebhookEvent.commit")
+        put(self, "commit", commit)
+        put(self, "commit_sha", commit)
+        if self.before is not None:
+            put(self, "before", validate_sha(self.before, "WebhookEvent.before"))
+        ref, branch, tag = self.ref, self.branch, self.tag
+        if ref is not None:
+            validate_ref_name(ref, "WebhookEvent.ref")
+        if branch is not None:
+            validate_ref_name(branch, "WebhookEvent.branch")
+        if tag is not None:
+            validate_ref_name(tag, "WebhookEvent.tag")
+        if ref is not None and branch is None and tag is None:
+            if ref.startswith("refs/heads/"):
+                branch = ref[len("refs/heads/") :]
+                put(self, "branch", branch)
+            elif ref.startswith("refs/tags/"):
+                tag = ref[len("refs/tags/") :]
+                put(self, "tag", tag)
+        if ref is None:
+            if tag is not None:
+                put(self, "ref", f"refs/tags/{tag}")
+            elif branch is not None:
+                put(self, "ref", f"refs/heads/{branch}")
         if self.delivery_id is not None:
             validate_delivery_id(self.delivery_id, "WebhookEvent.delivery_id")
 
-        put("is_push", bool(self.is_push or self.event_type in ("push", "tag_push")))
-        put("is_tag", bool(self.is_tag or self.tag is not None))
-        put("is_ping", bool(self.is_ping or self.event_type == "ping"))
+        put(self, "is_push", bool(self.is_push or event_type in ("push", "tag_push")))
+        put(self, "is_tag", bool(self.is_tag or tag is not None))
+        put(self, "is_ping", bool(self.is_ping or event_type == "ping"))
         put(
+            self,
             "is_merge_request",
-            bool(self.is_merge_request or self.event_type in ("merge_request", "pull_request")),
+            bool(self.is_merge_request or event_type in ("merge_request", "pull_request")),
         )
-        put("is_deletion", bool(self.is_deletion or self.event_type == "branch_delete"))
+        put(self, "is_deletion", bool(self.is_deletion or event_type == "branch_delete"))
         if self.reason is None:
-            put("reason", self._why_not_deployable())
+            put(self, "reason", self._why_not_deployable())
 
     def _why_not_deployable(self) -> str | None:
         if self.event_type not in ("push", "tag_push"):
@@ -516,7 +613,7 @@ class GitProvider(ABC):
             if event.delivery_id is None or event.raw_payload is None:
                 # delivery_id() validated the id and the payload needs no check: a copy
                 # with the two fields set spares replace()'s second run of every check.
-                event = copy.copy(event)
+                event = _shallow_copy(event)
                 if event.delivery_id is None:
                     object.__setattr__(event, "delivery_id", delivery)
                 if event.raw_payload is None:
@@ -581,7 +678,7 @@ class GitProvider(ABC):
                 f"{self.name} webhook {header} must be bare hex without an 'algorithm=' prefix",
                 401,
             )
-        size = hashlib.new(algorithm).digest_size * 2
+        size = _hex_size(algorithm)
         if not _HEX_RE.fullmatch(digest):
             raise WebhookError(f"{self.name} webhook {header} is not hexadecimal", 401)
         if len(digest) != size:
@@ -602,7 +699,8 @@ class GitProvider(ABC):
         given = hex_digest.lower().encode("ascii")
         matched = False
         for secret in self.secrets:
-            expected = hmac.new(secret, body, algorithm).hexdigest().encode("ascii")
+            # hmac.digest is the one-shot C function: no HMAC object per delivery.
+            expected = hmac.digest(secret, body, algorithm).hex().encode("ascii")
             # No early exit: every secret is tried, so timing does not tell which one matched.
             matched |= hmac.compare_digest(expected, given)
         return matched
@@ -635,6 +733,15 @@ class GitProvider(ABC):
         return f"{base_url.rstrip('/')}/{repository}.git"
 
 
+def _shallow_copy(event: WebhookEvent) -> WebhookEvent:
+    """copy.copy(event), without copy's generic protocol for the plain WebhookEvent."""
+    if type(event) is not WebhookEvent:
+        return copy.copy(event)
+    clone = object.__new__(WebhookEvent)
+    clone.__dict__.update(event.__dict__)
+    return clone
+
+
 def _as_bytes(body: Any) -> bytes:
     if isinstance(body, bytes):
         return body
@@ -643,6 +750,12 @@ def _as_bytes(body: Any) -> bytes:
     if isinstance(body, str):
         return body.encode("utf-8")
     raise TypeError(f"webhook body must be bytes, got {type(body).__name__}")
+
+
+@functools.lru_cache(maxsize=16)
+def _hex_size(algorithm: str) -> int:
+    """Hex digits of a digest of `algorithm`."""
+    return hashlib.new(algorithm).digest_size * 2
 
 
 def hmac_hex(secret: str | bytes, body: bytes, algorithm: str = "sha256") -> str:

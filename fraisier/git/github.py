@@ -25,6 +25,8 @@ from .base import (
 )
 
 _EVENT_NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+# Servers that send GitHub's headers too, and their own beside them.
+_LOOKALIKE_EVENT_HEADERS = ("X-Gitea-Event", "X-Forgejo-Event", "X-Gogs-Event")
 
 
 def event_name(headers: Headers, header: str, provider: str) -> str:
@@ -163,8 +165,9 @@ class GitHubProvider(BuiltinProvider):
     def detect(cls, headers: Mapping[str, str]) -> bool:
         """A GitHub delivery, and not one of the look-alikes that copy GitHub's headers."""
         view = Headers(headers)
-        if any(view.value(h) for h in ("X-Gitea-Event", "X-Forgejo-Event", "X-Gogs-Event")):
-            return False
+        for lookalike in _LOOKALIKE_EVENT_HEADERS:
+            if view.value(lookalike):
+                return False
         return view.value(cls.event_header) is not None
 
     def check_signature(self, payload: bytes, headers: Mapping[str, str]) -> None:

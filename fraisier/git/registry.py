@@ -28,6 +28,8 @@ _BUILTINS: tuple[type[GitProvider], ...] = (
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 
 _providers: dict[str, type[GitProvider]] = {cls.name: cls for cls in _BUILTINS}
+# _detection_order() of the current registry; every delivery asks for it.
+_order: tuple[type[GitProvider], ...] | None = None
 
 
 def register_provider(provider_class: P, name: str | None = None) -> P:
@@ -47,17 +49,21 @@ def register_provider(provider_class: P, name: str | None = None) -> P:
     if name is not None and provider_class.name != name:
         # Events report the name the provider is known by.
         provider_class = type(provider_class.__name__, (provider_class,), {"name": name})
+    global _order
     _providers.pop(key, None)
     _providers[key] = provider_class
+    _order = None
     return provider_class
 
 
 def unregister_provider(name: str) -> None:
     """Forget a provider; a built-in one comes back under its own name."""
+    global _order
     _providers.pop(name, None)
     for cls in _BUILTINS:
         if cls.name == name:
             _providers[name] = cls
+    _order = None
 
 
 def list_providers() -> list[str]:
@@ -90,10 +96,14 @@ def detect_provider(headers: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _detection_order() -> list[type[GitProvider]]:
-    builtin = [cls for cls in _BUILTINS if _providers.get(cls.name) is cls]
-    custom = [cls for cls in _providers.values() if cls not in _BUILTINS]
-    return list(reversed(custom)) + builtin
+def _detection_order() -> tuple[type[GitProvider], ...]:
+    global _order
+    order = _order
+    if order is None:
+        builtin = [cls for cls in _BUILTINS if _providers.get(cls.name) is cls]
+        custom = [cls for cls in _providers.values() if cls not in _BUILTINS]
+        order = _order = (*reversed(custom), *builtin)
+    return order
 
 
 def handle_webhook_all(

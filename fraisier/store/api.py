@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import operator
 import os
 import socket
 import sqlite3
@@ -12,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import peewee as pw
@@ -180,6 +181,15 @@ class Enqueued(list):
         self.duplicate = duplicate
 
 
+_T = TypeVar("_T")
+# A webhook row's values in WEBHOOK_COLUMNS order, from a dict that has them all.
+_webhook_values = operator.itemgetter(*WEBHOOK_COLUMNS)
+# What _errors() turns into StoreError (peewee's IntegrityError excepted).
+_DRIVER_ERRORS = (pw.OperationalError, pw.DatabaseError, pw.InterfaceError, sqlite3.Error)
+# How one webhook write of a batch fails without failing the others.
+_WRITE_ERRORS = (StoreError, pw.DatabaseError, sqlite3.Error)
+
+
 class BatchedWriteError(Exception):
     """What run_webhook_writes gives for a write of a batch that failed: its error."""
 
@@ -234,19 +244,20 @@ class _SharedWriteConnection:
             self._conn, self._pid = conn, os.getpid()
         return self._conn
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT on the shared connection, one thread at a time."""
+    def run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """work(connection) in BEGIN IMMEDIATE ... COMMIT, one thread at a time."""
+        # A plain call rather than a context manager: this runs for every delivery.
         with self._lock:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
+                result = work(conn)
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+            return result
 
     def close(self) -> None:
         """Close the connection when this process opened it."""
@@ -1025,6 +1036,9 @@ class Store:
     def _webhook_sql(self) -> dict[str, str]:
         mark = self.db.param
         returning = " RETURNING id" if self._returning else ""
+        # SQLite gives an inserted row's id without RETURNING, which costs it as much as
+        # the insert itself; see _insert_id.
+        insert_returning = "" if self.is_sqlite else returning
         columns = ", ".join(f'"{c}"' for c in WEBHOOK_COLUMNS)
         queued = ", ".join(f'"{c}"' for c in QUEUED_COLUMNS)
         # An older queued webhook deployment of the same pair and dry_run.
@@ -1042,14 +1056,14 @@ class Store:
             "webhook": (
                 f"INSERT INTO tb_webhook_events ({columns}) "
                 f"VALUES ({', '.join([mark] * len(WEBHOOK_COLUMNS))}) "
-                f"ON CONFLICT DO NOTHING{returning}"
+                f"ON CONFLICT DO NOTHING{insert_returning}"
             ),
             "webhook_id": (
                 f"SELECT id FROM tb_webhook_events WHERE provider = {mark} AND delivery_id = {mark}"
             ),
             "deployment": (
                 f"INSERT INTO tb_deployments ({queued}) "
-                f"VALUES ({', '.join([mark] * len(QUEUED_COLUMNS))}){returning}"
+                f"VALUES ({', '.join([mark] * len(QUEUED_COLUMNS))}){insert_returning}"
             ),
             "supersede_older": supersede + older + returning,
             "older_ids": f"SELECT id FROM tb_deployments WHERE {older}",
@@ -1070,17 +1084,6 @@ class Store:
             return None
         return _SharedWriteConnection(self.path)
 
-    @contextlib.contextmanager
-    def _webhook_write(self) -> Iterator[Any]:
-        """A write transaction for the webhook path; yields what runs its statements."""
-        shared = self._shared_write
-        if shared is None:
-            with self._write():
-                yield _PeeweeCursor(self.db)
-            return
-        with self._errors(), shared.transaction() as conn:
-            yield conn
-
     @functools.cached_property
     def _returning(self) -> bool:
         """Whether INSERT/UPDATE ... RETURNING can be used (SQLite has it from 3.35)."""
@@ -1089,11 +1092,11 @@ class Store:
     def _insert_id(self, run: Any, sql: str, params: Sequence[Any]) -> int | None:
         """Run an INSERT of one row; its id, or None when ON CONFLICT DO NOTHING skipped it."""
         cursor = run.execute(sql, params)
-        if self._returning:
-            # fetchall() steps the statement to its end, so nothing is pending at COMMIT.
-            rows = cursor.fetchall()
-            return int(rows[0][0]) if rows else None
-        return int(cursor.lastrowid) if cursor.rowcount == 1 else None
+        if self.is_sqlite or not self._returning:
+            return int(cursor.lastrowid) if cursor.rowcount == 1 else None
+        # fetchall() steps the statement to its end, so nothing is pending at COMMIT.
+        rows = cursor.fetchall()
+        return int(rows[0][0]) if rows else None
 
     def _webhook_row(
         self, values: Mapping[str, Any], outcome: str, reason: str | None, stamp: object
@@ -1101,7 +1104,7 @@ class Store:
         if not values.get("provider") or not outcome:
             raise StoreError("a webhook event needs a provider and an outcome")
         row = {**values, "outcome": outcome, "reason": reason, "received_at": stamp}
-        return tuple(row.get(column) for column in WEBHOOK_COLUMNS)
+        return _webhook_values(row)
 
     def _insert_webhook(self, run: Any, row: tuple) -> tuple[int, bool]:
         """Inside a write transaction: insert a prepared webhook row; (id, is_new)."""
@@ -1162,22 +1165,48 @@ class Store:
         that one that fails is undone alone; its place in the list holds a
         BatchedWriteError carrying the exception, and the others commit.
         """
+        shared = self._shared_write
+        if shared is None:
+            with self._write():
+                return self._run_writes(_PeeweeCursor(self.db), writes)
+        try:
+            return shared.run(functools.partial(self._run_writes, writes=writes))
+        except pw.IntegrityError:
+            raise
+        except _DRIVER_ERRORS as exc:
+            raise self._store_error(exc) from exc
+
+    def _store_error(self, exc: BaseException) -> StoreError:
+        """The StoreError _errors() makes of a driver error."""
+        return StoreError(f"{self.label}: {exc}; {_hint(str(exc))}")
+
+    def _run_writes(self, run: Any, writes: Sequence[Callable[[Any], Any]]) -> list[Any]:
+        """Inside a write transaction: the body of run_webhook_writes."""
         if len(writes) == 1:
-            with self._webhook_write() as run:
-                return [writes[0](run)]
-        results: list[Any] = []
-        with self._webhook_write() as run:
-            for write in writes:
-                run.execute("SAVEPOINT fraisier_write")
-                try:
-                    results.append(write(run))
-                except (StoreError, pw.DatabaseError, sqlite3.Error) as exc:
-                    run.execute("ROLLBACK TO fraisier_write")
-                    # The same StoreError a write run alone gets from _errors().
-                    if not isinstance(exc, StoreError):
-                        exc = StoreError(f"{self.label}: {exc}; {_hint(str(exc))}")
-                    results.append(BatchedWriteError(exc))
-                run.execute("RELEASE fraisier_write")
+            return [writes[0](run)]
+        # Writes fail rarely: all of them under one savepoint first. If one fails, that
+        # savepoint undoes them all and each runs again under a savepoint of its own.
+        run.execute("SAVEPOINT fraisier_batch")
+        try:
+            results = [write(run) for write in writes]
+        except _WRITE_ERRORS:
+            run.execute("ROLLBACK TO fraisier_batch")
+        else:
+            run.execute("RELEASE fraisier_batch")
+            return results
+        run.execute("RELEASE fraisier_batch")
+        results = []
+        for write in writes:
+            run.execute("SAVEPOINT fraisier_write")
+            try:
+                results.append(write(run))
+            except _WRITE_ERRORS as exc:
+                run.execute("ROLLBACK TO fraisier_write")
+                # The same StoreError a write run alone gets.
+                if not isinstance(exc, StoreError):
+                    exc = self._store_error(exc)
+                results.append(BatchedWriteError(exc))
+            run.execute("RELEASE fraisier_write")
         return results
 
     def enqueue_from_webhook(self, **fields: Any) -> Enqueued:

@@ -131,6 +131,24 @@ def test_custom_provider_with_event_header_is_detected_before_github():
 
 
 @pytest.mark.usefixtures("forget_registrations")
+def test_detection_follows_registrations_made_after_a_delivery():
+    headers = {"X-Later-Event": "push", "X-GitHub-Event": "push"}
+    assert detect_provider(headers) == "github"
+    assert list_providers()[-1] == "github"
+
+    @register_provider
+    class Later(GitHubProvider):
+        name = "later"
+        event_header = "X-Later-Event"
+
+    assert detect_provider(headers) == "later"
+    assert list_providers()[0] == "later"
+    unregister_provider("later")
+    assert detect_provider(headers) == "github"
+    assert "later" not in list_providers()
+
+
+@pytest.mark.usefixtures("forget_registrations")
 def test_registering_under_a_builtin_name_replaces_it_until_unregistered():
     class MyGitHub(GitHubProvider):
         def parse_webhook_event(self, headers, payload):

@@ -314,3 +314,61 @@ def test_signing_helper_matches_an_independent_hmac():
     assert sign_headers("bitbucket", body, "k")["X-Hub-Signature"] == "sha256=" + expected
     assert sign_headers("bitbucket-server", body, "k")["X-Hub-Signature"] == "sha256=" + expected
     assert sign_headers("github", body.decode(), "k")["X-Hub-Signature-256"] == "sha256=" + expected
+
+
+def test_headers_from_a_wsgi_environ_are_the_headers_werkzeug_sees():
+    from werkzeug.datastructures import EnvironHeaders
+
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "CONTENT_TYPE": "application/json",
+        "CONTENT_LENGTH": "",
+        "HTTP_CONTENT_TYPE": "text/plain",
+        "HTTP_X_GITHUB_EVENT": " push ",
+        "HTTP_X_HUB_SIGNATURE_256": "sha256=ab",
+        "HTTP_X_EMPTY": "",
+        "wsgi.input": object(),
+    }
+    for _ in range(2):  # the second time from the remembered names
+        view = Headers.from_environ(environ)
+        assert list(view.items()) == list(Headers(EnvironHeaders(environ)).items())
+        assert view["x-github-event"] == "push" and view["Content-Type"] == "application/json"
+        assert "Content-Length" not in view and view.get("X-Empty") == ""
+        assert view.value("X-Empty") is None and view.get("X-Nope", "d") == "d"
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-32"])
+def test_json_bodies_decode_in_every_encoding_json_accepts(encoding):
+    assert load_json_object('{"ref": "é"}'.encode(encoding), "github") == {"ref": "é"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "path"),
+    [
+        ({"commits": ["x"]}, "field commits[0] must be an object, got str"),
+        ({"commits": [{"id": SHA, "message": 5}]}, "field commits[0].message must be a string"),
+        ({"head_commit": [1]}, "field head_commit must be an object, got array"),
+        ({"deleted": 1}, "field deleted must be a boolean, got number"),
+    ],
+)
+def test_nested_wrong_types_name_the_field(overrides, path):
+    body = push_body(**overrides)
+    headers = sign_headers("github", body, SECRET)
+    assert path in refused("github", body, headers, 400)
+
+
+def test_payload_checks_the_exact_kind_of_every_value():
+    from fraisier.git.base import Payload
+
+    p = Payload({"n": True, "m": 3, "s": "x", "o": {"n": False}}, "custom")
+    assert p.get("m", int) == 3 and p.get("m", (int, str)) == 3 and p.get("n", bool) is True
+    assert p.get("o.n", bool) is False and p.get("missing", str) is None
+    for path, kind, problem in [
+        ("n", int, "field n must be int, got boolean"),
+        ("o.n", int, "field o.n must be int, got boolean"),
+        ("s", int, "field s must be int, got str"),
+        ("s.x", str, "field s must be an object, got str"),
+    ]:
+        with pytest.raises(WebhookError) as caught:
+            p.get(path, kind)
+        assert problem in caught.value.message

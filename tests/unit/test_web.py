@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import multiprocessing
@@ -348,6 +350,32 @@ def test_oversized_body_without_content_length_is_capped(client, store):
     assert queued(store) == []
 
 
+class _Trickle(io.BytesIO):
+    """A request body that arrives 1000 bytes per read at most, as from a slow client."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        return super().read(1000 if size is None or size < 0 else min(size, 1000))
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_body_read_in_many_pieces_is_whole(client, store, declared):
+    body = payload("github/push_new_branch.json")
+    headers = sign_headers("github", body, SECRET, "d-slow", "push")
+    environ = {"wsgi.input_terminated": True}
+    if declared:
+        environ["CONTENT_LENGTH"] = str(len(body))
+    else:
+        headers["Transfer-Encoding"] = "chunked"
+    response = client.post(
+        "/webhook",
+        input_stream=_Trickle(body),
+        headers=headers,
+        environ_overrides=environ,
+    )
+    assert response.status_code == 202, response.json
+    assert [r["payload_sha256"] for r in webhook_rows(store)] == [hashlib.sha256(body).hexdigest()]
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -663,6 +691,29 @@ def test_checkpointer_copies_the_wal_and_stops(tmp_path):
         assert frames > 0 and copied == frames
 
 
+def deliver_behind_the_gate(gate, group, writes) -> dict[int, object]:
+    """Run each write from a thread of its own while the test holds the write turn, until
+    every one waits for it: the first to get it then commits them all. Result or error."""
+    results: dict[int, object] = {}
+
+    def deliver(n: int) -> None:
+        try:
+            results[n] = group.run(writes[n])
+        except Exception as exc:
+            results[n] = exc
+
+    with gate:
+        threads = [threading.Thread(target=deliver, args=(n,)) for n in range(len(writes))]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while len(group._pending) < len(writes) and time.monotonic() < deadline:
+            time.sleep(0.005)
+    for thread in threads:
+        thread.join(10)
+    return results
+
+
 def test_group_commit_runs_waiting_writes_in_one_transaction(store):
     gate = WriteGate(None)
     group = GroupCommit(store, gate)
@@ -690,25 +741,7 @@ def test_group_commit_runs_waiting_writes_in_one_transaction(store):
         for n in range(5)
     ]
     writes.insert(2, failing)
-    results: dict[int, object] = {}
-
-    def deliver(n: int) -> None:
-        try:
-            results[n] = group.run(writes[n])
-        except Exception as exc:
-            results[n] = exc
-
-    # Hold the write turn until every delivery waits for it: the first to get it then
-    # commits all six.
-    with gate:
-        threads = [threading.Thread(target=deliver, args=(n,)) for n in range(6)]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 10
-        while len(group._pending) < 6 and time.monotonic() < deadline:
-            time.sleep(0.005)
-    for thread in threads:
-        thread.join(10)
+    results = deliver_behind_the_gate(gate, group, writes)
 
     assert batches == [6]
     assert "no_such_table" in str(results[2])
@@ -717,3 +750,28 @@ def test_group_commit_runs_waiting_writes_in_one_transaction(store):
     # Each newer push superseded the previous one of the pair: one queued, four superseded.
     statuses = sorted(row["status"] for row in store.history(limit=None))
     assert statuses == ["queued"] + ["superseded"] * 4
+
+
+def test_waiters_whose_write_was_committed_skip_the_turn_among_processes(store, tmp_path):
+    class CountingGate(WriteGate):
+        taken = 0
+
+        def lock_processes(self) -> None:
+            CountingGate.taken += 1
+            super().lock_processes()
+
+    gate = CountingGate(tmp_path / "db-webhook.lock")
+    group = GroupCommit(store, gate)
+    writes = [
+        store.prepare_webhook_record(
+            provider="github", delivery_id=f"d-{n}", event_type="ping", outcome="ping"
+        )
+        for n in range(4)
+    ]
+    results = deliver_behind_the_gate(gate, group, writes)
+
+    # This test's own turn, then one for the thread that committed all four.
+    assert CountingGate.taken == 2
+    assert sorted(results) == [0, 1, 2, 3]
+    assert all(result[1] is True for result in results.values()), results
+    assert len({result[0] for result in results.values()}) == 4
