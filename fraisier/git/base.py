@@ -228,6 +228,39 @@ def _decode_json(body: bytes | bytearray | str) -> Any:
     return json.loads(body, parse_constant=_reject_constant)
 
 
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+
+
+def is_form(headers: Headers) -> bool:
+    """Whether the delivery says its body is form-encoded rather than JSON."""
+    content_type = headers.value("Content-Type") or ""
+    return content_type.partition(";")[0].strip().lower() == FORM_CONTENT_TYPE
+
+
+def form_payload(body: bytes, provider: str) -> bytes:
+    """The JSON in the `payload` field of a form-encoded body; WebhookError(400) otherwise."""
+    from urllib.parse import parse_qs
+
+    try:
+        fields = parse_qs(
+            body.decode("ascii"), strict_parsing=True, errors="strict", max_num_fields=4
+        )
+    except (UnicodeDecodeError, ValueError):
+        raise WebhookError(
+            f"{provider} webhook body is not a valid form ({FORM_CONTENT_TYPE}); choose the "
+            "content type application/json in the webhook's settings",
+            400,
+        ) from None
+    values = fields.get("payload", [])
+    if len(values) != 1 or len(fields) != 1:
+        raise WebhookError(
+            f"{provider} webhook form body must hold exactly one field, payload, with the "
+            f"JSON; got fields {', '.join(sorted(fields)) or 'none'}",
+            400,
+        )
+    return values[0].encode("utf-8")
+
+
 def load_json_object(body: bytes, provider: str) -> dict[str, Any]:
     """Decode a webhook body that must be a JSON object; raise WebhookError(400) otherwise."""
     if not body:

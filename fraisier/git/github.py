@@ -19,7 +19,10 @@ from .base import (
     Payload,
     WebhookEvent,
     check_short_ref,
+    form_payload,
     hmac_hex,
+    is_form,
+    load_json_object,
     split_ref,
     validate_ref_name,
 )
@@ -213,6 +216,13 @@ class GitHubProvider(BuiltinProvider):
             reason=f"{event} events do not deploy",
             raw_payload=payload,
         )
+
+    def load_payload(self, body: bytes, headers: Headers) -> dict[str, Any]:
+        """The verified body: JSON, or the form GitHub sends as `payload=<JSON>` when a
+        webhook keeps its default content type."""
+        if is_form(headers):
+            body = form_payload(body, self.name)
+        return load_json_object(body, self.name)
 
     @classmethod
     def sign(

@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 
@@ -775,3 +776,55 @@ def test_waiters_whose_write_was_committed_skip_the_turn_among_processes(store, 
     assert sorted(results) == [0, 1, 2, 3]
     assert all(result[1] is True for result in results.values()), results
     assert len({result[0] for result in results.values()}) == 4
+
+
+def github_form(body: bytes) -> bytes:
+    """The body GitHub sends when a webhook keeps its default content type."""
+    return urlencode({"payload": body.decode("utf-8")}).encode("ascii")
+
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+def test_github_form_encoded_push_queues_the_same_commit(client, store):
+    raw = payload("github/push_new_branch.json")
+    response = post(client, "github", github_form(raw), event="push", delivery="form-1", **FORM)
+    assert response.status_code == 202, response.json
+    as_json = post(client, "github", raw, event="push", delivery="json-1")
+    assert as_json.status_code == 202, as_json.json
+    form_event, json_event = response.json["events"][0], as_json.json["events"][0]
+    assert set(form_event) == set(json_event)
+    # The same push: every field but the delivery and the deployments it queued.
+    own = {"delivery_id", "deployments"}
+    assert {k: v for k, v in form_event.items() if k not in own} == {
+        k: v for k, v in json_event.items() if k not in own
+    }
+    assert form_event["commit"] and form_event["branch"]
+    assert [r["commit"] for r in queued(store)].count(json_event["commit"]) == 4
+
+
+def test_github_form_signed_over_the_json_inside_is_refused(client, store):
+    raw = payload("github/push_new_branch.json")
+    headers = {**sign_headers("github", raw, SECRET, "form-2", "push"), **FORM}
+    response = client.post("/webhook", data=github_form(raw), headers=headers)
+    assert response.status_code == 401
+    assert queued(store) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (b"payload=%7B%7D&payload=%7B%7D", "exactly one field, payload"),
+        (b"other=%7B%7D", "got fields other"),
+        (b"payload=%7B%7D&ref=main", "got fields payload, ref"),
+        (b"payload", "not a valid form"),
+        (b"payload=%FF", "not a valid form"),
+        ("payload=é".encode(), "not a valid form"),
+        (b"payload=%5B1%5D", "JSON object"),
+    ],
+)
+def test_bad_github_form_is_refused_and_queues_nothing(client, store, body, problem):
+    response = post(client, "github", body, event="push", delivery="form-3", **FORM)
+    assert response.status_code == 400
+    assert problem in response.json["message"]
+    assert queued(store) == []
