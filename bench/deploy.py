@@ -127,7 +127,15 @@ def minimal_playbook(run_dir: Path, n: int, hosts) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=5, help="runs of each side (default 5)")
+    parser.add_argument(
+        "--overhead-runs",
+        type=int,
+        default=15,
+        help="overhead pairs (default 15): single runs of the same play vary by a second or more",
+    )
+    parser.add_argument(
+        "--runs", type=int, default=5, help="fleet runs of each side per host count (default 5)"
+    )
     parser.add_argument("--fleet", default="1,5,10", help="host counts (default 1,5,10)")
     args = parser.parse_args()
     fleet = [int(n) for n in args.fleet.split(",")]
@@ -141,7 +149,10 @@ def main() -> int:
     hosts = boot_hosts(max(fleet), names=[f"bench-{i}" for i in range(max(fleet))], root=root)
     try:
         repo = make_repo(tmp)
-        print(f"hosts booted: {len(hosts)}; runs per side: {args.runs}")
+        print(
+            f"hosts booted: {len(hosts)}; overhead pairs: {args.overhead_runs}; "
+            f"fleet runs per side: {args.runs}"
+        )
 
         # -- overhead on one host -----------------------------------------------
         config = write_config(tmp, repo, hosts[:1], "one")
@@ -150,7 +161,7 @@ def main() -> int:
         playbook = ROOT / "playbooks" / "api.yml"
         plain_playbook(run_dir, 0, playbook)
         f_times, p_times = [], []
-        for i in range(args.runs):
+        for i in range(args.overhead_runs):
             f_times.append(fraisier_deploy(config))
             p_times.append(plain_playbook(latest_run_dir(tmp / "work"), i + 1, playbook))
         ratios = [f / p for f, p in zip(f_times, p_times, strict=True)]

@@ -252,12 +252,18 @@ class Deployment:
         return Mirror(self.env.repository, self.work_dir / "mirrors", ssh_key=key)
 
     def _resolve_source(self) -> tuple[Any, str, dict]:
+        from fraisier.runner import load_ansible_runner
+
         mirror = self._mirror()
         self.on_progress(f"fetching {self.env.repository}")
-        mirror.fetch()
+        # ansible-runner is imported while git fetches, which would otherwise be waited for.
+        mirror.fetch(meanwhile=load_ansible_runner)
         branch = self.branch or self.env.branch
-        sha = mirror.resolve(branch=None if self.commit else branch, commit=self.commit)
-        return mirror, sha, mirror.commit_info(sha)
+        if self.commit:
+            sha = mirror.resolve(commit=self.commit)
+            return mirror, sha, mirror.commit_info(sha)
+        info = mirror.head_info(branch)
+        return mirror, info["sha"], info
 
     # -- locking -------------------------------------------------------------------
     def _acquire_lock(self, deployment_id: int) -> None:

@@ -72,6 +72,11 @@ class RunOutcome:
     event_count: int
 
 
+def load_ansible_runner() -> None:
+    """Import ansible-runner ahead of the first run, e.g. while another process works."""
+    import ansible_runner  # noqa: F401
+
+
 def default_work_dir(environ: Mapping[str, str] | None = None) -> Path:
     """FRAISIER_WORK_DIR, else /var/lib/fraisier/work for root, else the XDG state dir."""
     env = os.environ if environ is None else environ

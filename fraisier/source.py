@@ -19,7 +19,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -286,8 +286,13 @@ class Mirror:
         input: bytes | None = None,
         check: bool = True,
         what: str = "git",
+        meanwhile: Callable[[], object] | None = None,
     ) -> _Result:
-        """Run git on the mirror with a timeout; kill its whole process group if it runs over."""
+        """Run git on the mirror with a timeout; kill its whole process group if it runs over.
+
+        `meanwhile` runs in this thread while git works, e.g. an import the caller needs next;
+        if it raises, git is killed and the exception goes on.
+        """
         cmd = ["git", "--git-dir", str(git_dir or self.path), *args]
         try:
             proc = subprocess.Popen(
@@ -302,19 +307,29 @@ class Mirror:
             )
         except OSError as exc:
             raise SourceError(f"cannot run git for {self.display_url}: {exc}") from exc
+        deadline = time.monotonic() + self.timeout
         try:
-            out, err = proc.communicate(input, timeout=self.timeout)
+            if meanwhile is not None:
+                meanwhile()
+            out, err = proc.communicate(input, timeout=max(deadline - time.monotonic(), 0.001))
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+            self._kill(proc)
             raise SourceError(
                 f"{what} of {self.display_url} timed out after {self.timeout:g}s; "
                 "check that the repository is reachable or raise the timeout"
             ) from None
+        except BaseException:
+            self._kill(proc)
+            raise
         if check and proc.returncode != 0:
             raise SourceError(f"{what} of {self.display_url} failed: {_last_line(err)}")
         return _Result(proc.returncode, out, err)
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -342,19 +357,31 @@ class Mirror:
         finally:
             os.close(fd)
 
-    def _fetch_into(self, git_dir: Path, *refspecs: str, prune: bool = True) -> None:
+    def _fetch_into(
+        self,
+        git_dir: Path,
+        *refspecs: str,
+        prune: bool = True,
+        meanwhile: Callable[[], object] | None = None,
+    ) -> None:
         args = ["fetch", "--quiet", "--no-write-fetch-head"]
         if prune:
             args.append("--prune")
-        self._git(*args, "--", self.url, *refspecs, git_dir=git_dir, what="fetch")
+        self._git(
+            *args, "--", self.url, *refspecs, git_dir=git_dir, what="fetch", meanwhile=meanwhile
+        )
 
     # -- public -----------------------------------------------------------------------------
 
-    def fetch(self) -> None:
-        """Create the mirror on first use, else fetch branches and tags with prune."""
+    def fetch(self, *, meanwhile: Callable[[], object] | None = None) -> None:
+        """Create the mirror on first use, else fetch branches and tags with prune.
+
+        `meanwhile` runs while the fetch is under way (see `_git`): a fetch over the network
+        takes long enough to hide the caller's next imports behind it.
+        """
         with self._locked():
             if (self.path / "HEAD").is_file():
-                self._fetch_into(self.path, *_FETCH_REFSPECS)
+                self._fetch_into(self.path, *_FETCH_REFSPECS, meanwhile=meanwhile)
                 return
             # A bare repo filled by one fetch of heads and tags instead of `clone --mirror`:
             # no refs/pull/* clutter, and no URL (maybe with a token) written into its config.
@@ -362,7 +389,7 @@ class Mirror:
             tmp = Path(tempfile.mkdtemp(prefix=self.path.name + ".tmp-", dir=self.mirrors_dir))
             try:
                 self._git("init", "--quiet", "--bare", git_dir=tmp, what="init")
-                self._fetch_into(tmp, *_FETCH_REFSPECS)
+                self._fetch_into(tmp, *_FETCH_REFSPECS, meanwhile=meanwhile)
                 if self.path.exists():
                     shutil.rmtree(self.path)
                 tmp.rename(self.path)
@@ -414,11 +441,14 @@ class Mirror:
             check=False, what="lookup",
         )  # fmt: skip
         if res.returncode != 0:
-            raise SourceError(
-                f"{where} {branch!r} does not exist in {self.display_url}; "
-                "push it or fix the branch in fraises.yaml"
-            )
+            raise self._no_branch(branch, where)
         return res.stdout.decode().strip()
+
+    def _no_branch(self, branch: str, where: str) -> SourceError:
+        return SourceError(
+            f"{where} {branch!r} does not exist in {self.display_url}; "
+            "push it or fix the branch in fraises.yaml"
+        )
 
     def resolve(
         self,
@@ -487,12 +517,25 @@ class Mirror:
 
     def commit_info(self, sha: str) -> dict:
         """sha, author, author_email, subject, message, authored_at, committed_at (ISO 8601)."""
-        sha = validate_sha(sha)
+        return self._read_commit(f"{validate_sha(sha)}^{{commit}}", check=True)
+
+    def head_info(self, branch: str, *, where: str = "branch") -> dict:
+        """`commit_info` of the head of `branch`: the resolution and the read in one git call."""
+        validate_branch(branch, where=where)
+        self._require_mirror()
+        info = self._read_commit(f"refs/heads/{branch}^{{commit}}", check=False)
+        if info is None:
+            raise self._no_branch(branch, where)
+        return info
+
+    def _read_commit(self, rev: str, *, check: bool) -> dict | None:
         res = self._git(
             "show", "-s", "--no-show-signature", "--no-notes",
-            "--format=%H%x00%an%x00%ae%x00%aI%x00%cI%x00%B", f"{sha}^{{commit}}",
-            what="reading commit",
+            "--format=%H%x00%an%x00%ae%x00%aI%x00%cI%x00%B", rev, "--",
+            check=check, what="reading commit",
         )  # fmt: skip
+        if res.returncode != 0:
+            return None
         full, author, email, authored, committed, message = res.stdout.decode(
             "utf-8", "replace"
         ).split("\x00", 5)
@@ -517,8 +560,6 @@ class Mirror:
                 f"release id {_show(release_id)} is not valid; use letters, digits, '.', '_', '-'"
             )
         self._require_mirror()
-        if not self._has_commit(sha):
-            raise SourceError(f"commit {sha} is not in the mirror of {self.display_url}")
         dest_dir = Path(dest_dir).absolute()
         dest_dir.mkdir(parents=True, exist_ok=True)
         final = dest_dir / f"{release_id}.tar.gz"
@@ -527,11 +568,16 @@ class Mirror:
         tmp = Path(tmp_name)
         try:
             # export-ignore and export-subst come from the archived tree's .gitattributes.
-            self._git(
+            res = self._git(
                 "archive", "--format=tar.gz", f"--add-virtual-file=REVISION:{sha}\n",
                 "-o", str(tmp), f"{sha}^{{commit}}",
-                what="archive",
+                check=False, what="archive",
             )  # fmt: skip
+            if res.returncode != 0:
+                # Asked only now: a lookup before every archive is one git call more.
+                if not self._has_commit(sha):
+                    raise SourceError(f"commit {sha} is not in the mirror of {self.display_url}")
+                raise SourceError(f"archive of {self.display_url} failed: {_last_line(res.stderr)}")
             digest = hashlib.sha256()
             size = 0
             with tmp.open("rb") as fh:

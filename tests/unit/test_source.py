@@ -406,6 +406,67 @@ def test_commit_info(upstream, work):
     assert abs(committed - datetime.now(UTC)) < timedelta(minutes=5)
 
 
+def test_head_info_resolves_and_reads_the_branch_head_at_once(upstream, work):
+    mirror = Mirror(str(upstream), work)
+    mirror.fetch()
+    head = git(upstream, "rev-parse", "main")
+    assert mirror.head_info("main") == mirror.commit_info(head)
+    with pytest.raises(SourceError, match="branch from the webhook 'gone' does not exist"):
+        mirror.head_info("gone", where="branch from the webhook")
+    with pytest.raises(SourceError, match="branch"):
+        mirror.head_info("--output=/tmp/x")
+    with pytest.raises(SourceError, match="fetch it before resolving"):
+        Mirror(str(upstream), work / "other").head_info("main")
+
+
+def child_pids() -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid():
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_fetch_runs_meanwhile_while_git_works(upstream, work):
+    mirror = Mirror(str(upstream), work)
+    seen = []
+
+    def meanwhile():
+        seen.append(child_pids())  # git is still running while the callable runs
+
+    mirror.fetch(meanwhile=meanwhile)  # first fetch: creates the mirror
+    mirror.fetch(meanwhile=meanwhile)
+    assert len(seen) == 2 and all(len(pids) == 1 for pids in seen)
+    assert mirror.head_info("main")["sha"] == git(upstream, "rev-parse", "main")
+
+
+def test_fetch_kills_git_when_meanwhile_fails(work):
+    # A listener that never answers: only the failing callable can end the fetch early.
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+
+    def meanwhile():
+        raise ImportError("no module named ansible_runner")
+
+    try:
+        mirror = Mirror(f"http://127.0.0.1:{port}/app.git", work, timeout=60)
+        start = time.monotonic()
+        with pytest.raises(ImportError, match="ansible_runner"):
+            mirror.fetch(meanwhile=meanwhile)
+        assert time.monotonic() - start < 10
+        assert child_pids() == []
+        assert not mirror.path.exists()
+        assert [p.name for p in (work / "mirrors").iterdir()] == [mirror.path.name + ".lock"]
+    finally:
+        server.close()
+
+
 # -- archive ------------------------------------------------------------------------------------
 
 
@@ -453,6 +514,7 @@ def test_archive_refuses_bad_input(upstream, work, tmp_path):
             mirror.archive(sha, tmp_path, bad)
     with pytest.raises(SourceError, match="not in the mirror"):
         mirror.archive("0" * 40, tmp_path, "r1")
+    assert list(tmp_path.glob("*r1*")) == []  # no partial archive left
 
 
 def test_release_id_format():
