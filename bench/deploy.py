@@ -1,7 +1,8 @@
 """Deploy benchmarks on real systemd hosts: Fraisier's overhead and fleet scaling.
 
 Overhead: `fraisier deploy` against `ansible-playbook` run on the same generated
-inventory, extra vars and playbook, on the same host, alternating; median ratio.
+inventory, extra vars and playbook, on the same host, alternating (ABBA: every other pair
+starts with the plain side); median ratio.
 Fleet: one deployment to 1, 5 and 10 hosts, beside a hand-written minimal playbook
 doing the same steps (bench/minimal_release.yml) on the same hosts in the same run,
 alternating, median of the per-pair ratios.
@@ -86,7 +87,10 @@ def fraisier_deploy(config: Path) -> float:
 
 
 def latest_run_dir(work: Path) -> Path:
-    return max((work / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+    # Directories only: the plain runs write their extra vars files beside them.
+    return max(
+        (p for p in (work / "runs").iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime
+    )
 
 
 def ansible_env() -> dict:
@@ -162,8 +166,14 @@ def main() -> int:
         plain_playbook(run_dir, 0, playbook)
         f_times, p_times = [], []
         for i in range(args.overhead_runs):
-            f_times.append(fraisier_deploy(config))
-            p_times.append(plain_playbook(latest_run_dir(tmp / "work"), i + 1, playbook))
+            # Every other pair runs the plain side first: a drift of the machine's speed
+            # within a pair, or a cost one run leaves to the next, then favours neither side.
+            if i % 2:
+                p_times.append(plain_playbook(latest_run_dir(tmp / "work"), i + 1, playbook))
+                f_times.append(fraisier_deploy(config))
+            else:
+                f_times.append(fraisier_deploy(config))
+                p_times.append(plain_playbook(latest_run_dir(tmp / "work"), i + 1, playbook))
         ratios = [f / p for f, p in zip(f_times, p_times, strict=True)]
         print("\n== Overhead: fraisier deploy vs ansible-playbook (same inventory, vars, playbook)")
         print(
@@ -186,8 +196,12 @@ def main() -> int:
             # Alternating pairs, as above: on a shared machine one pair says little.
             pairs = []
             for i in range(args.runs):
-                f = fraisier_deploy(config)
-                m = minimal_playbook(latest_run_dir(tmp / "work"), n * 100 + i, hosts[:n])
+                if i % 2:
+                    m = minimal_playbook(latest_run_dir(tmp / "work"), n * 100 + i, hosts[:n])
+                    f = fraisier_deploy(config)
+                else:
+                    f = fraisier_deploy(config)
+                    m = minimal_playbook(latest_run_dir(tmp / "work"), n * 100 + i, hosts[:n])
                 pairs.append((f, m))
             f = statistics.median(p[0] for p in pairs)
             m = statistics.median(p[1] for p in pairs)
