@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
+from urllib.parse import parse_qs
 
 from fraisier.errors import ConfigError, WebhookError
 
@@ -239,8 +240,6 @@ def is_form(headers: Headers) -> bool:
 
 def form_payload(body: bytes, provider: str) -> bytes:
     """The JSON in the `payload` field of a form-encoded body; WebhookError(400) otherwise."""
-    from urllib.parse import parse_qs
-
     try:
         fields = parse_qs(
             body.decode("ascii"), strict_parsing=True, errors="strict", max_num_fields=4
