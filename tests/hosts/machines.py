@@ -470,9 +470,25 @@ def _claims_lock() -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _reap_dead_sessions() -> None:
+    """Stop every host whose session died without stopping it (SIGKILL): nobody else will.
+
+    All of them, not only those below the first free address: an orphan above it would
+    otherwise live on for as long as lower addresses keep coming free.
+    """
+    for record in sorted(run_dir().glob(f"{ADDRESS_PREFIX}*/host.json")):
+        held = _load_record(record)
+        if held is not None and _held(held):
+            continue
+        if held is not None and held.pid:
+            stop_hosts([held], grace=2)
+        record.unlink(missing_ok=True)
+
+
 def _claim_address(detached: bool) -> tuple[str, Path]:
     """Take the lowest 127.0.2.N no other session holds, reaping hosts of dead sessions."""
     with _claims_lock():
+        _reap_dead_sessions()
         for octet in OCTETS:
             address = f"{ADDRESS_PREFIX}{octet}"
             folder = run_dir() / address

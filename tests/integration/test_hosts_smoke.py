@@ -232,6 +232,30 @@ def test_host_of_a_killed_session_is_reaped_by_the_next_one(testhost_root):
 
 
 @pytest.mark.hosts
+def test_orphan_above_a_free_address_is_reaped_too(testhost_root):
+    # The orphan takes an address above a host of ours; once that host stops, the next
+    # claim finds a free address below the orphan and must reap it all the same.
+    below = boot_hosts(1, root=testhost_root)
+    process = subprocess.Popen(
+        [sys.executable, "-c", BOOT_ONE, "sigkill"], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    orphan = Host.from_record(json.loads(process.stdout.readline()))
+    process.kill()
+    process.wait()
+    booted: list[Host] = []
+    try:
+        octet = lambda host: int(host.address.rsplit(".", 1)[1])  # noqa: E731
+        assert octet(orphan) > octet(below[0])
+        stop_hosts(below)
+        assert orphan.is_running()
+        booted = boot_hosts(1, root=testhost_root)
+        assert booted[0].address == below[0].address
+        assert no_process_left((orphan.pid, orphan.pid_start), (orphan.init_pid, orphan.init_start))
+    finally:
+        stop_hosts([orphan, *below, *booted])
+
+
+@pytest.mark.hosts
 def test_failing_test_stops_its_hosts(tmp_path):
     record = tmp_path / "host.json"
     test_file = tmp_path / "test_fails.py"
