@@ -493,15 +493,8 @@ def _claim_address(detached: bool) -> tuple[str, Path]:
             address = f"{ADDRESS_PREFIX}{octet}"
             folder = run_dir() / address
             record = folder / "host.json"
-            if record.exists():
-                held = _load_record(record)
-                if held is not None and _held(held):
-                    continue
-                if held is not None and held.pid:
-                    # Its owner died without stopping it (SIGKILL): nobody else will.
-                    stop_hosts([held], grace=2)
-                record.unlink(missing_ok=True)
-            if not _port_free(address):
+            # Under the same lock, every record left after the reaping is a held address.
+            if record.exists() or not _port_free(address):
                 continue
             folder.mkdir(parents=True, exist_ok=True)
             _write_json(

@@ -213,14 +213,20 @@ def test_process_that_boots_hosts_stops_them_however_it_ends(testhost_root, endi
         stop_hosts([host])
 
 
-@pytest.mark.hosts
-def test_host_of_a_killed_session_is_reaped_by_the_next_one(testhost_root):
+def orphan_of_killed_session() -> Host:
+    """A host booted by a session that was then SIGKILLed: nothing stopped it."""
     process = subprocess.Popen(
         [sys.executable, "-c", BOOT_ONE, "sigkill"], cwd=REPO, stdout=subprocess.PIPE, text=True
     )
     orphan = Host.from_record(json.loads(process.stdout.readline()))
     process.kill()
     process.wait()
+    return orphan
+
+
+@pytest.mark.hosts
+def test_host_of_a_killed_session_is_reaped_by_the_next_one(testhost_root):
+    orphan = orphan_of_killed_session()
     booted: list[Host] = []
     try:
         # SIGKILL runs no handler: the host outlives its session until someone claims addresses.
@@ -236,12 +242,7 @@ def test_orphan_above_a_free_address_is_reaped_too(testhost_root):
     # The orphan takes an address above a host of ours; once that host stops, the next
     # claim finds a free address below the orphan and must reap it all the same.
     below = boot_hosts(1, root=testhost_root)
-    process = subprocess.Popen(
-        [sys.executable, "-c", BOOT_ONE, "sigkill"], cwd=REPO, stdout=subprocess.PIPE, text=True
-    )
-    orphan = Host.from_record(json.loads(process.stdout.readline()))
-    process.kill()
-    process.wait()
+    orphan = orphan_of_killed_session()
     booted: list[Host] = []
     try:
         octet = lambda host: int(host.address.rsplit(".", 1)[1])  # noqa: E731
