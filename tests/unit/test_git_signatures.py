@@ -342,6 +342,35 @@ def test_json_bodies_decode_in_every_encoding_json_accepts(encoding):
     assert load_json_object('{"ref": "é"}'.encode(encoding), "github") == {"ref": "é"}
 
 
+JSON_BODIES = [
+    b'{"ref": "refs/heads/main", "deleted": false, "commits": [{"id": "a", "n": -0.5}]}',
+    b'{"a": 1, "a": 2}',
+    # orjson refuses these; json takes them, and so must the receiver.
+    b'{"a": "\\ud800"}',
+    b'{"a": 1e400}',
+    '{"ref": "é"}'.encode("utf-16"),
+    b'\xef\xbb\xbf{"ref": "x"}',
+]
+
+
+@pytest.mark.parametrize("body", JSON_BODIES)
+def test_json_bodies_decode_as_json_decodes_them(body):
+    from fraisier.git import base
+
+    assert base._fast_loads() is not None, "orjson is a dependency: the fast path must run"
+    assert load_json_object(body, "github") == json.loads(body)
+
+
+def test_json_bodies_decode_without_orjson(monkeypatch):
+    from fraisier.git import base
+
+    monkeypatch.setattr(base, "_fast_loads", lambda: None)
+    for body in JSON_BODIES:
+        assert load_json_object(body, "github") == json.loads(body)
+    with pytest.raises(WebhookError, match="not valid JSON"):
+        load_json_object(b'{"a": NaN}', "github")
+
+
 @pytest.mark.parametrize(
     ("overrides", "path"),
     [
