@@ -828,3 +828,98 @@ def test_bad_github_form_is_refused_and_queues_nothing(client, store, body, prob
     assert response.status_code == 400
     assert problem in response.json["message"]
     assert queued(store) == []
+
+
+# ----------------------------------------------------------------- the /webhook fast path
+
+
+def _through_flask(app):
+    """The same app with WebhookEndpoint taken out: POST /webhook reaches the Flask view."""
+    from fraisier.web import WebhookEndpoint
+
+    assert isinstance(app.wsgi_app, WebhookEndpoint)
+    app.wsgi_app = app.wsgi_app.app
+    return app
+
+
+def _parity_requests():
+    push = payload("github/push_new_branch.json")
+    signed = sign_headers("github", push, SECRET, "p-1", None)
+    other = payload("github/push.json")
+    deleted = payload("github/delete.json")
+    return [
+        ("push", dict(data=push, headers=signed)),
+        ("redelivery", dict(data=push, headers=signed)),
+        ("bad signature", dict(data=push, headers={**signed, "X-Hub-Signature-256": "sha256=00"})),
+        ("delete", dict(data=deleted,
+                        headers=sign_headers("github", deleted, SECRET, "p-2", "delete"))),
+        ("unmapped", dict(data=other, headers=sign_headers("github", other, SECRET, "p-4"))),
+        ("not json", dict(data=b"{no", headers=sign_headers("github", b"{no", SECRET, "p-3"))),
+        ("unknown provider", dict(data=push, headers={"Content-Type": "application/json"})),
+        ("forced provider", dict(data=push, headers=signed, query_string="provider=gitlab")),
+        ("odd query", dict(data=push, headers=signed, query_string="provider=%ff%fe&x")),
+        ("too large", dict(data=b"{" + b" " * 70_000 + b"}", headers=signed)),
+        ("truncated", dict(data=push, headers=signed,
+                           environ_overrides={"CONTENT_LENGTH": str(len(push) + 10)})),
+    ]  # fmt: skip
+
+
+def test_fast_path_answers_exactly_as_the_flask_view(config_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("FRAISIER_WORK_DIR", str(tmp_path / "work"))
+    answers, rows = {}, {}
+    for side in ("fast", "flask"):
+        with Store.open(tmp_path / side / "fraisier.db") as side_store:
+            app = create_app(load_config(config_path), store=side_store, start_worker=False)
+            if side == "flask":
+                _through_flask(app)
+            client = app.test_client()
+            answers[side] = [
+                (
+                    name,
+                    r.status,
+                    r.headers["Content-Type"],
+                    r.get_json(),
+                    r.headers["Content-Length"] == str(len(r.data)),
+                )
+                for name, kwargs in _parity_requests()
+                for r in [client.post("/webhook", **kwargs)]
+            ]
+            answers[side].append(
+                ("GET", *[(r.status, r.get_json()) for r in [client.get("/webhook")]])
+            )
+            rows[side] = [
+                {k: v for k, v in row.items() if k not in ("received_at",)}
+                for row in webhook_rows(side_store)
+            ]
+    assert answers["fast"] == answers["flask"]
+    assert rows["fast"] == rows["flask"]
+    statuses = {name: status for name, status, *_ in answers["fast"][:-1]}
+    assert statuses == {
+        "push": "202 ACCEPTED", "redelivery": "200 OK", "bad signature": "401 UNAUTHORIZED",
+        "delete": "200 OK", "unmapped": "200 OK", "not json": "400 BAD REQUEST",
+        "unknown provider": "400 BAD REQUEST",
+        "forced provider": "401 UNAUTHORIZED", "odd query": "400 BAD REQUEST",
+        "too large": "413 REQUEST ENTITY TOO LARGE", "truncated": "400 BAD REQUEST",
+    }  # fmt: skip
+    assert answers["fast"][-1][1][0] == "405 METHOD NOT ALLOWED"
+
+
+def test_unexpected_error_on_the_fast_path_is_a_logged_json_500(client, app, caplog):
+    receiver = app.extensions["fraisier"]
+
+    def broken(name):
+        raise RuntimeError("provider table is broken")
+
+    receiver.provider = broken
+    push = payload("github/push.json")
+    with caplog.at_level(logging.ERROR, logger="fraisier.web"):
+        answer = post(client, "github", push)
+    assert answer.status_code == 500
+    assert answer.get_json() == {
+        "error": "InternalServerError",
+        "message": "RuntimeError; see the fraisier-webhook log",
+    }
+    assert any(
+        "unexpected error answering POST /webhook" in r.getMessage() and r.exc_info
+        for r in caplog.records
+    )
