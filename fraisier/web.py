@@ -1,7 +1,9 @@
 """The webhook receiver and JSON API: Flask app factory and the `fraisier-webhook` server.
 
 A push is verified, recorded and queued in the store within the request; the request never
-waits for Ansible. The queue worker (fraisier.worker) runs the queued deployments.
+waits for Ansible. The queue worker (fraisier.worker) runs the queued deployments. POST
+/webhook, the one endpoint under load, is answered by WebhookEndpoint, a WSGI layer the app
+factory puts in front of Flask; health and the JSON API are Flask views.
 
 `fraisier-webhook` runs the queue worker's threads in its main process and serves HTTP from
 a gunicorn server forked from it before any thread starts: several gunicorn worker processes
