@@ -923,3 +923,14 @@ def test_unexpected_error_on_the_fast_path_is_a_logged_json_500(client, app, cap
         "unexpected error answering POST /webhook" in r.getMessage() and r.exc_info
         for r in caplog.records
     )
+
+
+def test_query_string_that_is_not_utf8_is_an_unknown_provider(client, store):
+    body = payload("github/push_new_branch.json")
+    signed = sign_headers("github", body, SECRET, "q-1")
+    answer = client.post(
+        "/webhook", data=body, headers=signed, environ_overrides={"QUERY_STRING": "provider=\xff"}
+    )
+    assert answer.status_code == 400, answer.get_json()
+    assert answer.get_json()["error"] == "WebhookError"
+    assert queued(store) == []
