@@ -614,7 +614,7 @@ def webhook():
     return json_response(*receive_webhook(_receiver(), request.environ))
 
 
-# Status lines as werkzeug writes them, for the statuses /webhook answers.
+# Status lines as werkzeug writes them (an unknown code is "UNKNOWN" there too).
 _STATUS_LINES = {code: f"{code} {HTTP_STATUS_CODES[code].upper()}" for code in HTTP_STATUS_CODES}
 _JSON_TYPE = ("Content-Type", "application/json")
 
@@ -641,7 +641,8 @@ class WebhookEndpoint:
         except Exception as exc:
             answer, code = _error_answer(exc, "POST", "/webhook")
         payload = (_ENCODER.encode(answer) + "\n").encode()
-        start_response(_STATUS_LINES[code], [_JSON_TYPE, ("Content-Length", str(len(payload)))])
+        status = _STATUS_LINES.get(code) or f"{code} UNKNOWN"
+        start_response(status, [_JSON_TYPE, ("Content-Length", str(len(payload)))])
         return [payload]
 
 

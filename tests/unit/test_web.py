@@ -934,3 +934,17 @@ def test_query_string_that_is_not_utf8_is_an_unknown_provider(client, store):
     assert answer.status_code == 400, answer.get_json()
     assert answer.get_json()["error"] == "WebhookError"
     assert queued(store) == []
+
+
+@pytest.mark.parametrize("code", [409, 503, 599])
+def test_store_error_on_the_fast_path_keeps_its_status(client, app, code):
+    from fraisier.errors import WebhookError
+
+    def failing(write):
+        raise WebhookError("the store said no", code)
+
+    app.extensions["fraisier"].writes.run = failing
+    answer = post(client, "github", payload("github/push_new_branch.json"))
+    flask_status = app.response_class(status=code).status
+    assert answer.status == flask_status
+    assert answer.get_json() == {"error": "WebhookError", "message": "the store said no"}
