@@ -384,6 +384,20 @@ class Payload:
         value = self.text(path, required=required)
         return None if value is None else validate_ref_name(value, self.where(path))
 
+    def listed_message(self, path: str, commit: str) -> str | None:
+        """Message of the last entry of the commit list at `path` whose id is `commit`."""
+        message = None
+        for index, entry in enumerate(self.get(path, list) or ()):
+            # A push lists up to 20 commits: the usual entry, an object whose id is a
+            # string, is read directly; anything else goes through text(), which names
+            # what is wrong.
+            entry_id = entry.get("id") if type(entry) is dict else None
+            if type(entry_id) is not str:
+                entry_id = self.text(f"{path}[{index}].id")
+            if entry_id is not None and entry_id.lower() == commit:
+                message = self.text(f"{path}[{index}].message")
+        return message
+
     def where(self, path: str) -> str:
         """How an error names a field of this payload."""
         return f"{self.provider} payload field {path}"

@@ -55,12 +55,7 @@ def _message_of(p: Payload, commit: str, *, prefer_commits: bool) -> str | None:
     head_id = p.text("head_commit.id")
     head_message = p.text("head_commit.message")
     from_head = head_message if head_id is None or head_id.lower() == commit else None
-    from_list = None
-    commits = p.get("commits", list) or []
-    for index in range(len(commits)):
-        entry_id = p.text(f"commits[{index}].id")
-        if entry_id is not None and entry_id.lower() == commit:
-            from_list = p.text(f"commits[{index}].message")
+    from_list = p.listed_message("commits", commit)
     if prefer_commits:
         return from_list if from_list is not None else from_head
     return from_head if from_head is not None else from_list

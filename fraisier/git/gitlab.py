@@ -102,12 +102,7 @@ class GitLabProvider(BuiltinProvider):
                 **common,
             )
         commit = checkout or after
-        message = None
-        commits = p.get("commits", list) or []
-        for index in range(len(commits)):
-            entry_id = p.text(f"commits[{index}].id")
-            if entry_id is not None and entry_id.lower() == commit:
-                message = p.text(f"commits[{index}].message")
+        message = p.listed_message("commits", commit)
         if branch is None and tag is None:
             return WebhookEvent(
                 event_type="other",

@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -289,6 +290,28 @@ def test_gitea_message_is_last_commit_matching_after():
     data["commits"] = [first]  # head not in the list: fall back to head_commit
     event = deliver("gitea", json.dumps(data).encode())
     assert event.commit_message == "summary that differs"
+
+
+@pytest.mark.parametrize(
+    ("provider", "name", "event"),
+    [("gitea", "gitea/push.json", None), ("gitlab", "gitlab/push.json", "Push Hook")],
+)
+def test_message_found_among_twenty_commits_and_a_bad_entry_is_named(provider, name, event):
+    data = payload_json(name)
+    pushed = data.get("checkout_sha") or data["after"]
+    template = copy.deepcopy(data["commits"][0])
+    commits = [dict(template, id=f"{i:040x}", message=f"commit {i}") for i in range(20)]
+    commits[12] = dict(template, id=pushed.upper(), message="the pushed one")
+    data["commits"] = commits
+    data.get("head_commit", {}).pop("message", None)
+    assert deliver(provider, json.dumps(data).encode(), event).commit_message == "the pushed one"
+    for bad, problem in [
+        (5, "field commits[13] must be an object, got number"),
+        ({"id": 7}, "field commits[13].id must be a string, got number"),
+    ]:
+        data["commits"] = [*commits[:13], bad, *commits[13:]]
+        with pytest.raises(WebhookError, match=re.escape(problem)):
+            deliver(provider, json.dumps(data).encode(), event)
 
 
 def test_github_message_is_head_commit_when_several_commits_pushed():
