@@ -344,10 +344,15 @@ def _receiver() -> Receiver:
 _ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 
 
+def json_text(body: Any) -> str:
+    """The JSON text of every answer: plain data (str, int, bool, None, lists and dicts)."""
+    return _ENCODER.encode(body) + "\n"
+
+
 def json_response(body: Any, status: int = 200):
-    """A JSON response of plain data (str, int, bool, None, lists and dicts of them)."""
+    """A Flask response of json_text(body)."""
     return current_app.response_class(
-        _ENCODER.encode(body) + "\n", status=status, content_type="application/json"
+        json_text(body), status=status, content_type="application/json"
     )
 
 
@@ -437,7 +442,7 @@ def _refuse(
 ) -> tuple[dict[str, Any], int]:
     _record_rejected(receiver, provider, headers, exc.message, body)
     log.info("refused %s delivery: %s", provider or "unknown", exc.message)
-    return {"error": type(exc).__name__, "message": exc.message}, exc.http_status
+    return _error_answer(exc, "POST", "/webhook")
 
 
 def _ignore_reason(event: WebhookEvent) -> str | None:
@@ -640,7 +645,7 @@ class WebhookEndpoint:
             answer, code = receive_webhook(self.receiver, environ)
         except Exception as exc:
             answer, code = _error_answer(exc, "POST", "/webhook")
-        payload = (_ENCODER.encode(answer) + "\n").encode()
+        payload = json_text(answer).encode()
         status = _STATUS_LINES.get(code) or f"{code} UNKNOWN"
         start_response(status, [_JSON_TYPE, ("Content-Length", str(len(payload)))])
         return [payload]
