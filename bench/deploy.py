@@ -1,8 +1,11 @@
 """Deploy benchmarks on real systemd hosts: Fraisier's overhead and fleet scaling.
 
 Overhead: `fraisier deploy` against `ansible-playbook` run on the same generated
-inventory, extra vars and playbook, on the same host, alternating (ABBA: every other pair
-starts with the plain side); median ratio.
+inventory, extra vars and playbook, on the same host, alternating (every other round in
+the reverse order); median ratio. Beside them, in the same rounds: Fraisier's runner layer
+alone and ansible-runner's own `run()`, each in a fresh interpreter, and an interpreter
+that only imports the libraries a deployment needs. They tell how much of the overhead is
+Fraisier's own work and how much comes with ansible-runner and those libraries.
 Fleet: one deployment to 1, 5 and 10 hosts, beside a hand-written minimal playbook
 doing the same steps (bench/minimal_release.yml) on the same hosts in the same run,
 alternating, median of the per-pair ratios.
@@ -86,6 +89,16 @@ def fraisier_deploy(config: Path) -> float:
                   "bench", "--force"])  # fmt: skip
 
 
+# The libraries a deployment cannot start without (the CLI, fraises.yaml, the store, the
+# runner), imported by a fresh interpreter and nothing else: the part of Fraisier's fixed
+# cost that no change to Fraisier itself can remove.
+REQUIRED_IMPORTS = "import click, yaml, peewee, ansible_runner"
+
+
+def import_floor() -> float:
+    return timed([sys.executable, "-c", REQUIRED_IMPORTS])
+
+
 def latest_run_dir(work: Path) -> Path:
     # Directories only: the plain runs write their extra vars files beside them.
     return max(
@@ -106,15 +119,64 @@ def ansible_env() -> dict:
     return env
 
 
+def release_vars(run_dir: Path, name: str) -> Path:
+    """The extra vars Fraisier generated for its last run, under a new release id."""
+    extravars = json.loads((run_dir / "env" / "extravars").read_text())
+    extravars["fraise_release_id"] = {"__ansible_unsafe": f"{name}-{int(time.time() * 1000)}"}
+    path = run_dir.parent / f"{name}.json"
+    path.write_text(json.dumps(extravars))
+    return path
+
+
 def plain_playbook(run_dir: Path, n: int, playbook: Path) -> float:
     """ansible-playbook on the inventory and extra vars Fraisier generated, new release id."""
-    extravars = json.loads((run_dir / "env" / "extravars").read_text())
-    release = f"plain-{n}-{int(time.time() * 1000)}"
-    extravars["fraise_release_id"] = {"__ansible_unsafe": release}
-    path = run_dir.parent / f"plain-{n}.json"
-    path.write_text(json.dumps(extravars))
+    path = release_vars(run_dir, f"plain-{n}")
     return timed(["ansible-playbook", "-i", str(run_dir / "inventory"), "-e", f"@{path}",
                   str(playbook)], env=ansible_env())  # fmt: skip
+
+
+# Fraisier's runner layer alone (fraisier/runner.py: ansible-runner with Fraisier's settings,
+# events handed to a no-op) in a fresh interpreter, on the same inventory, extra vars and
+# playbook: what running through ansible-runner costs without the CLI, the config, the
+# store and git.
+RUNNER_ONLY = """
+import json, sys
+from pathlib import Path
+from fraisier.runner import PlaybookRun, PlaybookRunner
+inventory, extravars, playbook, work = map(Path, sys.argv[1:])
+run = PlaybookRun(name="bench", playbook=playbook, inventory=json.loads(inventory.read_text()),
+                  extravars=json.loads(extravars.read_text()))
+outcome = PlaybookRunner(run, work_dir=work, on_event=lambda event: None).run()
+sys.exit(0 if outcome.status == "successful" else 1)
+"""
+
+
+def runner_only(run_dir: Path, n: int, playbook: Path, work: Path) -> float:
+    path = release_vars(run_dir, f"runner-{n}")
+    return timed([sys.executable, "-c", RUNNER_ONLY, str(run_dir / "inventory" / "fraisier.json"),
+                  str(path), str(playbook), str(work)])  # fmt: skip
+
+
+# ansible-runner as shipped, nothing of Fraisier: `ansible_runner.run()` in a fresh
+# interpreter on a fresh private data dir holding the same inventory and extra vars.
+RUNNER_AS_SHIPPED = """
+import shutil, sys
+from pathlib import Path
+import ansible_runner
+inventory, extravars, playbook, pdd = map(Path, sys.argv[1:])
+shutil.copytree(inventory, pdd / "inventory")
+(pdd / "env").mkdir()
+shutil.copy(extravars, pdd / "env" / "extravars")
+result = ansible_runner.run(private_data_dir=str(pdd), playbook=str(playbook), quiet=True)
+sys.exit(0 if result.status == "successful" else 1)
+"""
+
+
+def runner_as_shipped(run_dir: Path, n: int, playbook: Path, work: Path) -> float:
+    path = release_vars(run_dir, f"shipped-{n}")
+    pdd = work / f"shipped-{n}"
+    return timed([sys.executable, "-c", RUNNER_AS_SHIPPED, str(run_dir / "inventory"), str(path),
+                  str(playbook), str(pdd)], env=ansible_env())  # fmt: skip
 
 
 def minimal_playbook(run_dir: Path, n: int, hosts) -> float:
@@ -135,7 +197,7 @@ def main() -> int:
         "--overhead-runs",
         type=int,
         default=15,
-        help="overhead pairs (default 15): single runs of the same play vary by a second or more",
+        help="overhead rounds (default 15): single runs of the same play vary by a second or more",
     )
     parser.add_argument(
         "--runs", type=int, default=5, help="fleet runs of each side per host count (default 5)"
@@ -154,7 +216,7 @@ def main() -> int:
     try:
         repo = make_repo(tmp)
         print(
-            f"hosts booted: {len(hosts)}; overhead pairs: {args.overhead_runs}; "
+            f"hosts booted: {len(hosts)}; overhead rounds: {args.overhead_runs}; "
             f"fleet runs per side: {args.runs}"
         )
 
@@ -164,16 +226,24 @@ def main() -> int:
         run_dir = latest_run_dir(tmp / "work")
         playbook = ROOT / "playbooks" / "api.yml"
         plain_playbook(run_dir, 0, playbook)
-        f_times, p_times = [], []
+        f_times, r_times, s_times, p_times, floors = [], [], [], [], []
+        runner_work = tmp / "runner-work"
         for i in range(args.overhead_runs):
-            # Every other pair runs the plain side first: a drift of the machine's speed
-            # within a pair, or a cost one run leaves to the next, then favours neither side.
-            if i % 2:
-                p_times.append(plain_playbook(latest_run_dir(tmp / "work"), i + 1, playbook))
-                f_times.append(fraisier_deploy(config))
-            else:
-                f_times.append(fraisier_deploy(config))
-                p_times.append(plain_playbook(latest_run_dir(tmp / "work"), i + 1, playbook))
+            floors.append(import_floor())
+            # Every other round runs in the reverse order: a drift of the machine's speed
+            # within a round, or a cost one run leaves to the next, then favours no side.
+            sides = ["fraisier", "runner", "shipped", "plain"]
+            for side in reversed(sides) if i % 2 else sides:
+                if side == "fraisier":
+                    f_times.append(fraisier_deploy(config))
+                    continue
+                run_dir = latest_run_dir(tmp / "work")
+                if side == "runner":
+                    r_times.append(runner_only(run_dir, i + 1, playbook, runner_work))
+                elif side == "shipped":
+                    s_times.append(runner_as_shipped(run_dir, i + 1, playbook, runner_work))
+                else:
+                    p_times.append(plain_playbook(run_dir, i + 1, playbook))
         ratios = [f / p for f, p in zip(f_times, p_times, strict=True)]
         print("\n== Overhead: fraisier deploy vs ansible-playbook (same inventory, vars, playbook)")
         print(
@@ -181,11 +251,38 @@ def main() -> int:
             f"runs {' '.join(f'{t:.2f}' for t in f_times)}"
         )
         print(
+            f"runner layer only median {statistics.median(r_times):6.2f} s  "
+            f"runs {' '.join(f'{t:.2f}' for t in r_times)}"
+        )
+        print(
+            f"ansible_runner.run median {statistics.median(s_times):5.2f} s  "
+            f"runs {' '.join(f'{t:.2f}' for t in s_times)}"
+        )
+        print(
             f"ansible-playbook  median {statistics.median(p_times):6.2f} s  "
             f"runs {' '.join(f'{t:.2f}' for t in p_times)}"
         )
         ratio = statistics.median(ratios)
         print(f"median ratio {ratio:.3f} (target <= 1.05: {'PASS' if ratio <= 1.05 else 'FAIL'})")
+        runner_ratio = statistics.median(r / p for r, p in zip(r_times, p_times, strict=True))
+        print(
+            f"runner layer only / ansible-playbook: median ratio {runner_ratio:.3f}"
+            " (fraisier/runner.py in a fresh interpreter: no CLI, config, store or git)"
+        )
+        shipped_ratio = statistics.median(s / p for s, p in zip(s_times, p_times, strict=True))
+        print(
+            f"ansible_runner.run / ansible-playbook: median ratio {shipped_ratio:.3f}"
+            " (ansible-runner as shipped, nothing of Fraisier)"
+        )
+        floor = statistics.median(floors)
+        beyond = statistics.median(
+            (f - t) / p for f, p, t in zip(f_times, p_times, floors, strict=True)
+        )
+        print(
+            f"required imports alone (python -c '{REQUIRED_IMPORTS}'): median {floor:.3f} s"
+            f" = {floor / statistics.median(p_times):.1%} of the ansible-playbook median;"
+            f" ratio without them {beyond:.3f}"
+        )
 
         # -- fleet ---------------------------------------------------------------
         print("\n== Fleet: fraisier deploy vs hand-written minimal playbook, same hosts")
