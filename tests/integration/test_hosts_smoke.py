@@ -183,6 +183,9 @@ def test_stopped_host_is_unreachable_and_teardown_still_succeeds(testhost_root, 
 BOOT_ONE = """
 import json, os, signal, sys, time
 from tests.hosts import boot_hosts
+# A shell without job control starts background commands with SIGINT ignored, and Python
+# then installs no KeyboardInterrupt: Ctrl-C must reach this process as it would a terminal's.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 host = boot_hosts(1)[0]
 print(json.dumps(host.to_record()), flush=True)
 mode = sys.argv[1]
