@@ -91,7 +91,7 @@ def fraisier_deploy(config: Path) -> float:
 
 # The libraries a deployment cannot start without (the CLI, fraises.yaml, the store, the
 # runner), imported by a fresh interpreter and nothing else: the part of Fraisier's fixed
-# cost that no change to Fraisier itself can remove.
+# cost that comes with those libraries rather than with Fraisier's own work.
 REQUIRED_IMPORTS = "import click, yaml, peewee, ansible_runner"
 
 
