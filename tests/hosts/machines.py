@@ -388,6 +388,9 @@ def _port_open(address: str, port: int = 22) -> bool:
 
 def _port_free(address: str, port: int = 22) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As sshd binds: a connection of a stopped host left in TIME-WAIT on this address
+        # must not hold it for a minute, while any listener still makes the bind fail.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((address, port))
         except OSError as error:
